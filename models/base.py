@@ -1,0 +1,104 @@
+"""The one interface every detector implements.
+
+A detector is a pure ``nn.Module``: it is rebuilt from its config and its tensors (nanoGPT style),
+fits on defect-free tiles, and predicts, for a batch of grey tiles, an anomaly map (higher = more
+anomalous) and an image score. Every detector returns the same :class:`ModelOutput` whether it is
+training or not, so calibration, post-processing and metrics are shared.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class ModelConfig(BaseModel):
+    """Base of every model config: unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class ModelOutput:
+    anomaly_map: torch.Tensor  # [B, H, W] float, same size as the input tiles
+    score: torch.Tensor  # [B] float
+
+
+@dataclass
+class EpochLog:
+    """What a model reports after each epoch (or fitting stage) through the fit callback."""
+
+    epoch: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+EpochCallback = Callable[[EpochLog], None]
+TileData = Dataset[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class FitContext:
+    """What fitting may use besides the training tiles.
+
+    ``deadline`` is a ``time.monotonic()`` value: fitting must return by then, keeping the best
+    state it has. ``validate`` scores the model on validation data (higher is better), for the
+    models that select their best state by it.
+    """
+
+    deadline: float | None = None
+    budget_seconds: float | None = None
+    callback: EpochCallback | None = None
+    validate: Callable[[AnomalyModel], float] | None = None
+    progress: bool = True
+    seed: int = 0
+    batch_size: int = 8
+
+    def seconds_left(self) -> float:
+        if self.deadline is None:
+            return float("inf")
+        return self.deadline - time.monotonic()
+
+    def budget_left(self) -> float:
+        """Share of the time budget still left (1.0 without a budget)."""
+        if self.deadline is None or not self.budget_seconds:
+            return 1.0
+        return max(self.seconds_left(), 0.0) / self.budget_seconds
+
+    def report(self, log: EpochLog) -> None:
+        if self.callback is not None:
+            self.callback(log)
+
+
+class AnomalyModel(nn.Module, ABC):
+    """Base class of DRAEM, VAE and PatchCore."""
+
+    model_type: ClassVar[str]
+    config_class: ClassVar[type[ModelConfig]]
+
+    def __init__(self, config: ModelConfig, load_weights: bool = True) -> None:
+        """`load_weights=False` skips fetching external (pretrained) weights: a bundle follows."""
+        super().__init__()
+        self.config = config
+
+    @abstractmethod
+    def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
+        """Fit on defect-free tiles; return a summary (figures worth logging)."""
+
+    @abstractmethod
+    def predict(self, tiles: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
+        """Score grey tiles [B,1,H,W] in [0,1]; `valid` [B,1,H,W] bool marks fabric pixels.
+
+        The image score must only use valid pixels.
+        """
+
+    def prepare_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Resize buffers whose shape is only known after fitting, before load_state_dict."""

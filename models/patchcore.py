@@ -1,0 +1,337 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Read top to bottom: the backbone, the patch features, the memory bank and its coreset, scoring.
+
+- Backbone: wide_resnet50_2 (or resnet18), truncated after the deepest layer used; features of
+  layers 2 and 3. Pretrained ImageNet weights come through torchvision (its cache, or a download)
+  or from a local file named in the config; ``pretrained: false`` uses a random backbone and logs
+  a warning. With a random backbone, batch-norm statistics are re-estimated on the training tiles
+  (``adapt_batchnorm``), which keeps random features well conditioned.
+- Patch features: each layer is averaged over a 3x3 neighbourhood, the deeper layer is upsampled
+  to the resolution of the first, each is pooled over channels to ``layer_dim``, and the
+  concatenation is pooled to ``embed_dim``.
+- Memory bank: patch features of defect-free tiles (only patches on fabric), reduced by greedy
+  k-center coreset selection on a random projection. Selection keeps one N-vector of distances:
+  no N x N matrix is ever built. Patches beyond ``max_train_patches`` are subsampled first.
+- Scoring: distance of each patch to its nearest bank entry, computed in chunks; the image score
+  is the largest patch distance reweighted as in the paper (eq. 7) by how isolated its nearest
+  bank entry is; the map is the patch distances upsampled and smoothed (Gaussian, sigma 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.base import AnomalyModel, EpochLog, FitContext, ModelConfig, ModelOutput, TileData
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYER_ORDER = ("layer1", "layer2", "layer3", "layer4")
+
+
+class PatchCoreConfig(ModelConfig):
+    backbone: Literal["wide_resnet50_2", "resnet18"] = "wide_resnet50_2"
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    pretrained: bool = True
+    weights_file: str | None = None  # a local torchvision state dict (tensors only)
+    adapt_batchnorm: bool | None = None  # None: only when the backbone is random
+    batchnorm_tiles: int = 256  # tiles used to re-estimate batch-norm statistics
+    layer_dim: int = 1024
+    embed_dim: int = 384
+    coreset_ratio: float = 0.01
+    coreset_projection_dim: int = 128
+    max_train_patches: int = 1_000_000
+    num_neighbors: int = 9
+    smoothing_sigma: float = 4.0
+    chunk_size: int = 8192
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights were asked for and could not be loaded."""
+
+
+def build_backbone(config: PatchCoreConfig) -> nn.Module:
+    constructor = getattr(torchvision.models, config.backbone)
+    network: nn.Module = constructor(weights=None)
+    if config.weights_file:
+        path = Path(config.weights_file)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # the message names the file and the reason
+            raise WeightsError(f"cannot load backbone weights from {path}: {exc}") from exc
+        network.load_state_dict(state)
+    elif config.pretrained:
+        enum = torchvision.models.get_model_weights(config.backbone)
+        try:
+            network = constructor(weights=enum.DEFAULT)
+        except Exception as exc:
+            raise WeightsError(
+                f"pretrained {config.backbone} weights are not in the torchvision cache and "
+                f"could not be downloaded ({type(exc).__name__}); set model.weights_file=FILE or "
+                "model.pretrained=false"
+            ) from exc
+    else:
+        log.warning(
+            "PatchCore uses a RANDOM %s backbone (pretrained: false); expect lower accuracy "
+            "than with ImageNet weights",
+            config.backbone,
+        )
+    return network
+
+
+class FeatureExtractor(nn.Module):
+    """Runs the backbone up to the deepest requested layer and returns those layers' maps."""
+
+    def __init__(self, network: nn.Module, layers: tuple[str, ...]) -> None:
+        super().__init__()
+        unknown = [name for name in layers if name not in LAYER_ORDER]
+        if unknown or not layers:
+            raise ValueError(f"layers must be among {LAYER_ORDER}, got {layers}")
+        deepest = max(LAYER_ORDER.index(name) for name in layers)
+        self.layers = layers
+        self.stem = nn.Sequential(network.conv1, network.bn1, network.relu, network.maxpool)
+        self.body = nn.ModuleDict({n: getattr(network, n) for n in LAYER_ORDER[: deepest + 1]})
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, grey: torch.Tensor) -> list[torch.Tensor]:
+        x = (grey.expand(-1, 3, -1, -1) - self.mean) / self.std
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        outputs = []
+        for name, block in self.body.items():
+            x = block(x)
+            if name in self.layers:
+                outputs.append(x)
+        return outputs
+
+
+def patch_embedding(maps: list[torch.Tensor], layer_dim: int, embed_dim: int) -> torch.Tensor:
+    """Layer maps -> [B, embed_dim, h, w] locally aware patch features."""
+    height, width = maps[0].shape[-2:]
+    pooled = []
+    for feature in maps:
+        feature = F.avg_pool2d(feature, kernel_size=3, stride=1, padding=1)
+        if feature.shape[-2:] != (height, width):
+            feature = F.interpolate(
+                feature, size=(height, width), mode="bilinear", align_corners=False
+            )
+        batch, channels = feature.shape[:2]
+        flat = feature.permute(0, 2, 3, 1).reshape(-1, 1, channels)
+        pooled.append(F.adaptive_avg_pool1d(flat, layer_dim).reshape(-1, layer_dim))
+    stacked = torch.stack(pooled, dim=1).reshape(-1, 1, layer_dim * len(pooled))
+    embedded = F.adaptive_avg_pool1d(stacked, embed_dim).reshape(-1, height, width, embed_dim)
+    return embedded.permute(0, 3, 1, 2).contiguous()
+
+
+def greedy_coreset(
+    features: torch.Tensor,
+    size: int,
+    projection_dim: int,
+    seed: int,
+    deadline: float | None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Indices of a k-center coreset (greedy), chosen on a random projection of the features.
+
+    Keeps only the N-vector of distances to the chosen set. Stops early at `deadline`, returning
+    the (smaller) coreset chosen so far.
+    """
+    total = features.shape[0]
+    if size >= total:
+        return torch.arange(total)
+    generator = torch.Generator().manual_seed(seed)
+    if projection_dim and projection_dim < features.shape[1]:
+        projection = torch.randn(features.shape[1], projection_dim, generator=generator)
+        projection /= math.sqrt(projection_dim)
+        reduced = torch.cat([chunk.float() @ projection for chunk in features.split(65536)])
+    else:
+        reduced = features.float()
+    chosen = [int(torch.randint(total, (1,), generator=generator))]
+    nearest = (reduced - reduced[chosen[0]]).pow(2).sum(1)
+    for _ in tqdm(range(size - 1), desc="coreset", disable=not progress, mininterval=1.0):
+        if deadline is not None and time.monotonic() > deadline:
+            log.warning("coreset selection stopped at the deadline with %d entries", len(chosen))
+            break
+        index = int(torch.argmax(nearest))
+        chosen.append(index)
+        nearest = torch.minimum(nearest, (reduced - reduced[index]).pow(2).sum(1))
+    return torch.tensor(chosen)
+
+
+def nearest_distances(
+    queries: torch.Tensor, bank: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance from each query row to its nearest bank row, and that row's index."""
+    query_norms = queries.pow(2).sum(1, keepdim=True)
+    best = torch.full((queries.shape[0],), float("inf"))
+    best_index = torch.zeros(queries.shape[0], dtype=torch.long)
+    for start in range(0, bank.shape[0], chunk_size):
+        chunk = bank[start : start + chunk_size]
+        squared = query_norms - 2.0 * queries @ chunk.T + chunk.pow(2).sum(1)[None]
+        values, indices = squared.min(dim=1)
+        better = values < best
+        best = torch.where(better, values, best)
+        best_index = torch.where(better, indices + start, best_index)
+    return best.clamp_min(0).sqrt(), best_index
+
+
+class PatchCore(AnomalyModel):
+    model_type = "patchcore"
+    config_class = PatchCoreConfig
+    config: PatchCoreConfig
+
+    def __init__(self, config: PatchCoreConfig, load_weights: bool = True) -> None:
+        super().__init__(config, load_weights)
+        if load_weights:
+            network = build_backbone(config)
+        else:  # weights come from a bundle right after
+            network = getattr(torchvision.models, config.backbone)(weights=None)
+        self.extractor = FeatureExtractor(network, config.layers).eval()
+        self.extractor.to(memory_format=torch.channels_last)
+        self.register_buffer("memory_bank", torch.zeros(0, config.embed_dim))
+        self.memory_bank: torch.Tensor
+
+    # ---- features -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
+        maps = self.extractor(tiles)
+        return patch_embedding(maps, self.config.layer_dim, self.config.embed_dim)
+
+    @staticmethod
+    def patch_validity(valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[B,1,H,W] bool -> [B,h,w] bool: a patch counts when its whole cell is fabric."""
+        share = F.adaptive_avg_pool2d(valid.float(), size)
+        return (share >= 0.999).squeeze(1)
+
+    # ---- fitting --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _adapt_batchnorm(self, loader: DataLoader[Any], context: FitContext) -> None:
+        for module in self.extractor.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average over all batches
+        self.extractor.train()
+        seen = 0
+        for tiles, _ in tqdm(loader, desc="batch-norm", disable=not context.progress):
+            self.extractor(tiles)
+            seen += tiles.shape[0]
+            if seen >= self.config.batchnorm_tiles or context.budget_left() < 0.8:
+                break
+        self.extractor.eval()
+
+    def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
+        started = time.monotonic()
+        if len(tiles) == 0:
+            raise ValueError("no defect-free tiles to fit PatchCore on")
+        loader: DataLoader[Any] = DataLoader(tiles, batch_size=context.batch_size, shuffle=False)
+        adapt = self.config.adapt_batchnorm
+        if adapt or (adapt is None and not self.config.pretrained and not self.config.weights_file):
+            self._adapt_batchnorm(loader, context)
+        generator = torch.Generator().manual_seed(context.seed)
+        per_tile_cap = max(1, self.config.max_train_patches // len(tiles))
+        collected: list[torch.Tensor] = []
+        seen_tiles = 0
+        for batch, valid in tqdm(loader, desc="features", disable=not context.progress):
+            features = self.embed(batch)
+            keep = self.patch_validity(valid, tuple(features.shape[-2:]))
+            for feature, mask in zip(features, keep, strict=True):
+                rows = feature.permute(1, 2, 0)[mask]
+                if rows.shape[0] > per_tile_cap:
+                    pick = torch.randperm(rows.shape[0], generator=generator)[:per_tile_cap]
+                    rows = rows[pick]
+                collected.append(rows.clone())
+            seen_tiles += batch.shape[0]
+            if context.budget_left() < 0.3:
+                log.warning("feature extraction stopped at the time budget (%d tiles)", seen_tiles)
+                break
+        features_all = torch.cat(collected)
+        if features_all.shape[0] == 0:
+            raise ValueError("no training patch lies fully on fabric; check the valid area")
+        extracted = time.monotonic()
+        size = max(1, int(round(features_all.shape[0] * self.config.coreset_ratio)))
+        indices = greedy_coreset(
+            features_all,
+            size,
+            self.config.coreset_projection_dim,
+            context.seed,
+            context.deadline,
+            context.progress,
+        )
+        self.memory_bank = features_all[indices].contiguous()
+        summary = {
+            "train_tiles": float(seen_tiles),
+            "train_patches": float(features_all.shape[0]),
+            "memory_bank_size": float(self.memory_bank.shape[0]),
+            "feature_seconds": extracted - started,
+            "coreset_seconds": time.monotonic() - extracted,
+        }
+        context.report(EpochLog(epoch=0, metrics=summary, seconds=time.monotonic() - started))
+        return summary
+
+    # ---- scoring --------------------------------------------------------------------------
+    def _reweight(self, top: torch.Tensor, top_score: torch.Tensor, nearest: int) -> torch.Tensor:
+        """Paper eq. 7: scale the top patch score by how isolated its nearest bank entry is."""
+        neighbours = min(self.config.num_neighbors, self.memory_bank.shape[0])
+        if neighbours <= 1:
+            return top_score
+        anchor = self.memory_bank[nearest][None]
+        distances = torch.cdist(anchor, self.memory_bank)[0]
+        support = self.memory_bank[distances.topk(neighbours, largest=False).indices]
+        to_support = torch.cdist(top[None], support)[0]
+        # 1 - exp(d*) / sum exp(d_i), written relative to d* (the smallest) to avoid overflow.
+        weight = 1.0 - 1.0 / torch.exp(to_support - top_score).sum()
+        return weight * top_score
+
+    @torch.inference_mode()
+    def predict(self, tiles: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError("PatchCore has an empty memory bank: fit it or load a bundle")
+        features = self.embed(tiles)
+        batch, dim, height, width = features.shape
+        flat = features.permute(0, 2, 3, 1).reshape(-1, dim)
+        distances, nearest = nearest_distances(flat, self.memory_bank, self.config.chunk_size)
+        patch_scores = distances.reshape(batch, height, width)
+        nearest = nearest.reshape(batch, height * width)
+        patch_valid = self.patch_validity(valid, (height, width)).reshape(batch, -1)
+        scores = torch.zeros(batch)
+        for item in range(batch):
+            candidates = patch_scores[item].reshape(-1).masked_fill(~patch_valid[item], -1.0)
+            position = int(candidates.argmax())
+            if candidates[position] < 0:
+                continue  # no patch on fabric: nothing to score
+            top = features[item].reshape(dim, -1)[:, position]
+            scores[item] = self._reweight(top, candidates[position], int(nearest[item, position]))
+        maps = F.interpolate(
+            patch_scores[:, None], size=tiles.shape[-2:], mode="bilinear", align_corners=False
+        )
+        maps = gaussian_blur(maps, self.config.smoothing_sigma)[:, 0]
+        return ModelOutput(anomaly_map=maps, score=scores)
+
+    def prepare_state(self, state: dict[str, torch.Tensor]) -> None:
+        bank = state.get("memory_bank")
+        if bank is not None:
+            self.memory_bank = torch.zeros_like(bank)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    if sigma <= 0:
+        return maps
+    radius = int(math.ceil(4 * sigma))
+    kernel_size = 2 * radius + 1
+    result: torch.Tensor = torchvision.transforms.functional.gaussian_blur(
+        maps, kernel_size=[kernel_size, kernel_size], sigma=[sigma, sigma]
+    )
+    return result

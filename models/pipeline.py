@@ -1,0 +1,179 @@
+"""The one inference path: decode -> preprocess -> tile -> model -> stitch -> calibrate -> post-process.
+
+The API, the CLI's predict and the evaluation all call :class:`Detector`, so what is measured is
+what is served. :meth:`Detector.analyse` stops before calibration (raw map and scores, used by
+calibration and metrics); :meth:`Detector.predict` runs the whole path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.base import AnomalyModel
+from models.bundle import Manifest, load_bundle
+from models.calibration import Calibration
+from models.postprocess import PostProcessResult, SuppressionSettings, decide, postprocess
+from models.preprocessing import DEFAULT_MAX_PIXELS, decode_image, valid_area
+from models.tiling import Box, pad_to_tile, plan_tiles, stitch, valid_fraction
+
+ImageSource = np.ndarray | bytes | str | Path
+
+
+@dataclass
+class Analysis:
+    """Raw model output for one image, before calibration."""
+
+    image: np.ndarray  # uint8 H x W
+    valid: np.ndarray  # bool H x W, fabric pixels
+    anomaly_map: np.ndarray  # float32 H x W, raw units
+    boxes: list[Box]
+    tile_scores: list[float]
+    tile_valid: list[float]  # share of each tile on fabric
+    score: float  # raw image score: the largest score of a tile with fabric
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    analysis: Analysis
+    raw_score: float
+    score: float  # normalised, 0.5 = calibrated threshold
+    threshold: float  # normalised image threshold used
+    raw_threshold: float
+    decision: bool
+    normalized_map: np.ndarray
+    post: PostProcessResult
+    timings: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready result without pixel arrays."""
+        height, width = self.analysis.image.shape
+        return {
+            "image_size": {"width": width, "height": height},
+            "tiles": len(self.analysis.boxes),
+            "score": round(self.score, 6),
+            "raw_score": self.raw_score,
+            "threshold": self.threshold,
+            "raw_threshold": self.raw_threshold,
+            "decision": "anomalous" if self.decision else "normal",
+            "is_anomalous": self.decision,
+            "regions": [region.to_json() for region in self.post.kept],
+            "suppressed": {
+                "settings": self.post.settings.model_dump(),
+                "regions": [region.to_json() for region in self.post.suppressed],
+                "vetoed_decision": self.post.vetoed and self.score >= self.threshold,
+            },
+            "timings_ms": {k: round(v * 1000.0, 2) for k, v in self.timings.items()},
+        }
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+
+
+class Detector:
+    """A loaded model with its calibration and pipeline settings."""
+
+    def __init__(self, model: AnomalyModel, manifest: Manifest, batch_size: int | None = None):
+        self.model = model.eval()
+        self.manifest = manifest
+        self.pipeline = manifest.pipeline
+        self.batch_size = batch_size or manifest.pipeline.batch_size
+        self.suppression = SuppressionSettings.model_validate(manifest.suppression)
+
+    @classmethod
+    def from_bundle(cls, directory: Path | str, batch_size: int | None = None) -> Detector:
+        model, manifest = load_bundle(directory)
+        return cls(model, manifest, batch_size)
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.manifest.calibration
+
+    def _decode(self, source: ImageSource, max_pixels: int) -> np.ndarray:
+        if isinstance(source, np.ndarray):
+            if source.dtype != np.uint8 or source.ndim != 2:
+                raise ValueError("arrays passed to the detector must be uint8 H x W grey")
+            return source
+        return decode_image(source, max_pixels=max_pixels)
+
+    def analyse(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Analysis:
+        timings: dict[str, float] = {}
+        tile = self.pipeline.tile_size
+        with _timed(timings, "decode"):
+            image = self._decode(source, max_pixels)
+        with _timed(timings, "preprocess"):
+            valid = valid_area(image, self.pipeline.valid_area)
+            padded, padded_valid = pad_to_tile(image, valid, tile)
+        with _timed(timings, "tile"):
+            boxes = plan_tiles(*padded.shape, tile, self.pipeline.stride, padded_valid)
+            pixels = np.stack([padded[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
+            masks = np.stack([padded_valid[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
+        maps: list[np.ndarray] = []
+        scores: list[float] = []
+        with _timed(timings, "model"), torch.inference_mode():
+            for start in range(0, len(boxes), self.batch_size):
+                batch = torch.from_numpy(pixels[start : start + self.batch_size]).float() / 255.0
+                batch_valid = torch.from_numpy(masks[start : start + self.batch_size])
+                output = self.model.predict(batch[:, None], batch_valid[:, None])
+                maps.extend(output.anomaly_map.float().numpy())
+                scores.extend(float(s) for s in output.score)
+        with _timed(timings, "stitch"):
+            full = stitch(maps, boxes, *padded.shape)[: image.shape[0], : image.shape[1]]
+            fractions = [valid_fraction(padded_valid, box) for box in boxes]
+            on_fabric = [s for s, f in zip(scores, fractions, strict=True) if f > 0]
+            score = max(on_fabric) if on_fabric else 0.0
+        return Analysis(image, valid, full, boxes, scores, fractions, score, timings)
+
+    def predict(
+        self,
+        source: ImageSource,
+        *,
+        threshold: float | None = None,
+        suppression: SuppressionSettings | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Prediction:
+        """Score one image. `threshold` is a normalised image threshold (default 0.5)."""
+        analysis = self.analyse(source, max_pixels)
+        return self.finish(analysis, threshold=threshold, suppression=suppression)
+
+    def finish(
+        self,
+        analysis: Analysis,
+        *,
+        threshold: float | None = None,
+        suppression: SuppressionSettings | None = None,
+    ) -> Prediction:
+        """Calibrate and post-process an analysis (cheap: the model is not run again)."""
+        timings = dict(analysis.timings)
+        settings = suppression or self.suppression
+        used = 0.5 if threshold is None else float(threshold)
+        with _timed(timings, "calibrate"):
+            score = self.calibration.normalize_image(analysis.score)
+            normalized_map = self.calibration.normalize_pixels(analysis.anomaly_map)
+        with _timed(timings, "postprocess"):
+            post = postprocess(normalized_map, analysis.valid, settings)
+            decision = decide(score, used, post)
+        timings["total"] = sum(timings.values())
+        return Prediction(
+            analysis=analysis,
+            raw_score=analysis.score,
+            score=score,
+            threshold=used,
+            raw_threshold=self.calibration.image_threshold_from_normalized(used),
+            decision=decision,
+            normalized_map=normalized_map,
+            post=post,
+            timings=timings,
+        )

@@ -1,0 +1,122 @@
+"""Post-processing with suppression: from a normalised anomaly map to kept defect regions.
+
+Steps: smoothing (Gaussian), binarisation at the pixel threshold (0.5 in normalised units),
+connected components (OpenCV, 8-connectivity), then suppression. A component is suppressed, in
+this order of reasons, when
+
+- ``outside_valid_area``: less than half of its pixels lie on fabric (padding or its margin);
+- ``area_below_min``: its area (valid pixels) is below ``min_region_area``;
+- ``peak_below_min``: its peak normalised score is below ``min_region_peak``.
+
+Every suppressed component is logged with its box, area, peak and mean score and the reason,
+together with the settings in force.
+
+Image decision rule: an image is anomalous when its normalised image score reaches the image
+threshold AND suppression did not veto it. Suppression vetoes when components were found and
+every one of them was suppressed (the evidence the score rests on was judged not to be a defect).
+A score above threshold with no component at the pixel threshold stays anomalous: the score
+itself is the evidence. Suppression can therefore only turn an alarm off, never on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, Field
+
+
+class SuppressionSettings(BaseModel):
+    min_region_area: int = Field(default=10, ge=0, description="pixels; smaller regions suppressed")
+    min_region_peak: float = Field(
+        default=0.55, ge=0.0, le=1.0, description="normalised peak score a region must reach"
+    )
+    smoothing_sigma: float = Field(default=1.0, ge=0.0, description="Gaussian sigma in pixels")
+    min_valid_fraction: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="share of a region's pixels that must be fabric"
+    )
+
+
+@dataclass(frozen=True)
+class Region:
+    x: int
+    y: int
+    width: int
+    height: int
+    area: int
+    peak: float
+    mean: float
+    reason: str | None = None  # None for kept regions
+
+    def to_json(self) -> dict[str, Any]:
+        box = {"x": self.x, "y": self.y, "width": self.width, "height": self.height}
+        data: dict[str, Any] = {"bbox": box, "area": self.area, "peak": self.peak}
+        data["mean"] = self.mean
+        if self.reason is not None:
+            data["reason"] = self.reason
+        return data
+
+
+@dataclass
+class PostProcessResult:
+    mask: np.ndarray  # uint8 H x W, 255 where a kept region is (valid pixels only)
+    kept: list[Region]
+    suppressed: list[Region]
+    settings: SuppressionSettings
+
+    @property
+    def vetoed(self) -> bool:
+        return bool(self.suppressed) and not self.kept
+
+
+def smooth(values: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return values
+    return np.asarray(cv2.GaussianBlur(values, (0, 0), sigmaX=sigma, sigmaY=sigma))
+
+
+def _suppression_reason(
+    area: int, valid_share: float, peak: float, settings: SuppressionSettings
+) -> str | None:
+    if valid_share < settings.min_valid_fraction:
+        return "outside_valid_area"
+    if area < settings.min_region_area:
+        return "area_below_min"
+    if peak < settings.min_region_peak:
+        return "peak_below_min"
+    return None
+
+
+def postprocess(
+    normalized_map: np.ndarray, valid: np.ndarray, settings: SuppressionSettings
+) -> PostProcessResult:
+    """Find, judge and log the regions of a normalised anomaly map (threshold 0.5)."""
+    smoothed = smooth(normalized_map.astype(np.float32), settings.smoothing_sigma)
+    binary = (smoothed >= 0.5).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    mask = np.zeros(binary.shape, dtype=np.uint8)
+    kept: list[Region] = []
+    suppressed: list[Region] = []
+    for label in range(1, count):
+        x, y, width, height, total = (int(v) for v in stats[label])
+        box_labels = labels[y : y + height, x : x + width] == label
+        box_valid = valid[y : y + height, x : x + width] & box_labels
+        area = int(box_valid.sum())
+        region_pixels = smoothed[y : y + height, x : x + width][box_valid if area else box_labels]
+        peak, mean = float(region_pixels.max()), float(region_pixels.mean())
+        reason = _suppression_reason(area, area / total, peak, settings)
+        region = Region(x, y, width, height, area, round(peak, 4), round(mean, 4), reason)
+        if reason is None:
+            kept.append(region)
+            mask[y : y + height, x : x + width][box_valid] = 255
+        else:
+            suppressed.append(region)
+    kept.sort(key=lambda r: r.peak, reverse=True)
+    return PostProcessResult(mask=mask, kept=kept, suppressed=suppressed, settings=settings)
+
+
+def decide(normalized_score: float, threshold: float, result: PostProcessResult) -> bool:
+    """The image decision rule described in the module docstring."""
+    return normalized_score >= threshold and not result.vetoed

@@ -1,0 +1,151 @@
+"""Decoding of uploaded or stored images to 8-bit grey, and the valid (non-padding) area.
+
+Everything Loomwatch looks at is one 8-bit grey plane (H x W, uint8). Decoding accepts the
+formats a line camera or a person is likely to send (PNG, JPEG, BMP, TIFF; grey, grey+alpha,
+RGB, RGBA, palette, CMYK, 16-bit) and refuses what would be ambiguous or dangerous (several
+frames, more pixels than allowed, truncated data) with an :class:`ImageDecodeError`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image Loomwatch can use; the message says why in one line."""
+
+
+def _to_grey_array(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        wide = np.asarray(image, dtype=np.uint16)
+        return (wide.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if values.max(initial=0.0) > 255.0 else 255.0
+        return np.clip(values * (255.0 / high), 0, 255).round().astype(np.uint8)
+    if mode == "1":
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB")
+    # LA / RGBA: the alpha channel carries no fabric; drop it (AITEX stores some grey images as LA).
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image file or its bytes to an H x W uint8 grey array.
+
+    EXIF orientation is honoured. Raises :class:`ImageDecodeError` for anything unusable.
+    """
+    name = "image"
+    if isinstance(source, str | Path):
+        name = str(source)
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read {name}: {exc.strerror or exc}") from exc
+    else:
+        data = source
+    if not data:
+        raise ImageDecodeError(f"{name} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageDecodeError(
+                        f"{name} has {width}x{height} pixels, more than the limit of {max_pixels}"
+                    )
+                frames = int(getattr(image, "n_frames", 1))
+                if frames > 1:
+                    raise ImageDecodeError(f"{name} has {frames} frames; send one still image")
+                image.load()
+                oriented = ImageOps.exif_transpose(image) or image
+                grey = _to_grey_array(oriented)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{name} is too large to decode safely") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"{name} is not a recognised image format") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"{name} is truncated or corrupt ({exc})") from exc
+    if grey.ndim != 2 or grey.size == 0:
+        raise ImageDecodeError(f"{name} decoded to an empty image")
+    return np.ascontiguousarray(grey)
+
+
+class ValidAreaSettings(BaseModel):
+    """How padding is recognised.
+
+    A pixel is white at or above ``white_level``. A column is padding when at least
+    ``line_fraction`` of its pixels are white; the partly white columns that touch it (each at
+    least ``edge_fraction`` white: the ragged, bright border between padding and fabric) count
+    as padding too. Rows are judged the same way, over the columns that are not padding.
+    Padding and a ``margin`` of pixels next to it are excluded everywhere.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    white_level: int = Field(default=250, ge=0, le=255)
+    line_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    edge_fraction: float = Field(default=0.15, gt=0.0, le=1.0)
+    margin: int = Field(default=16, ge=0)
+
+
+def _padding_lines(white_fraction: np.ndarray, settings: ValidAreaSettings) -> np.ndarray:
+    """Mostly white lines, extended through the contiguous partly white lines next to them."""
+    strong = white_fraction >= settings.line_fraction
+    weak = strong | (white_fraction >= settings.edge_fraction)
+    # Lines of one contiguous weak run share a run id; keep the runs that hold a strong line.
+    run_id = np.cumsum(~weak)
+    return np.asarray(weak & np.isin(run_id, run_id[strong]))
+
+
+def _grow(lines: np.ndarray, margin: int) -> np.ndarray:
+    """Mark every line within ``margin`` of a marked line (same length as ``lines``)."""
+    if margin <= 0 or not lines.any():
+        return lines
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(lines, margin), 2 * margin + 1)
+    return np.asarray(windows.any(axis=1))
+
+
+def valid_area(image: np.ndarray, settings: ValidAreaSettings | None = None) -> np.ndarray:
+    """Boolean H x W mask, True where the image shows fabric (not padding nor its margin)."""
+    settings = settings or ValidAreaSettings()
+    white = image >= settings.white_level
+    pad_cols = _padding_lines(white.mean(axis=0), settings)
+    if pad_cols.all():
+        return np.zeros(image.shape[:2], dtype=bool)
+    # Rows are judged over fabric columns only, so that wide padding at the side of a narrow
+    # image does not make every row look white.
+    pad_rows = _padding_lines(white[:, ~pad_cols].mean(axis=1), settings)
+    bad_cols = _grow(pad_cols, settings.margin)
+    bad_rows = _grow(pad_rows, settings.margin)
+    return np.asarray(~bad_rows[:, None] & ~bad_cols[None, :])
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+    """uint8 grey -> float32 in [0, 1]."""
+    return image.astype(np.float32) / 255.0
+
+
+def resize_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a float map (used when the model input differs from the tile size)."""
+    if values.shape == (height, width):
+        return values
+    resized = cv2.resize(values.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.asarray(resized, dtype=np.float32)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import numpy as np
+
+from models.calibration import Calibration
+from models.postprocess import SuppressionSettings, decide, postprocess
+
+
+def _map_with_blobs() -> tuple[np.ndarray, np.ndarray]:
+    values = np.zeros((100, 200), np.float32)
+    values[10:30, 10:30] = 0.9  # big, strong: kept
+    values[50:52, 50:52] = 0.9  # 4 px: below min area
+    values[70:85, 100:115] = 0.52  # big but weak peak
+    values[40:60, 185:200] = 0.9  # on padding
+    valid = np.ones_like(values, bool)
+    valid[:, 180:] = False
+    return values, valid
+
+
+def test_regions_are_kept_or_suppressed_with_reasons() -> None:
+    values, valid = _map_with_blobs()
+    settings = SuppressionSettings(min_region_area=10, min_region_peak=0.6, smoothing_sigma=0)
+    result = postprocess(values, valid, settings)
+    assert len(result.kept) == 1
+    kept = result.kept[0]
+    assert (kept.x, kept.y, kept.width, kept.height, kept.area) == (10, 10, 20, 20, 400)
+    reasons = sorted(r.reason for r in result.suppressed if r.reason)
+    assert reasons == ["area_below_min", "outside_valid_area", "peak_below_min"]
+    assert result.mask[20, 20] == 255 and result.mask[51, 51] == 0 and result.mask[50, 190] == 0
+    assert result.settings.min_region_peak == 0.6
+
+
+def test_decision_rule() -> None:
+    values, valid = _map_with_blobs()
+    lenient = postprocess(values, valid, SuppressionSettings(smoothing_sigma=0))
+    assert decide(0.7, 0.5, lenient) is True
+    assert decide(0.4, 0.5, lenient) is False  # score below threshold: never anomalous
+    strict = postprocess(values, valid, SuppressionSettings(min_region_area=10_000, smoothing_sigma=0))
+    assert strict.vetoed and decide(0.9, 0.5, strict) is False  # every region suppressed: veto
+    empty = postprocess(np.zeros((20, 20), np.float32), np.ones((20, 20), bool), SuppressionSettings())
+    assert not empty.vetoed and decide(0.9, 0.5, empty) is True  # score alone is evidence
+
+
+def test_normalisation_maps_threshold_to_half() -> None:
+    cal = Calibration(
+        image_threshold=4.0, image_min=2.0, image_max=10.0, pixel_threshold=1.0, pixel_min=0.0,
+        pixel_max=3.0,
+    )  # fmt: skip
+    assert cal.normalize_image(4.0) == 0.5
+    assert cal.normalize_image(6.0) == 0.75
+    assert cal.normalize_image(100.0) == 1.0 and cal.normalize_image(-100.0) == 0.0
+    assert np.allclose(cal.normalize_pixels(np.array([1.0, 2.5])), [0.5, 1.0])
+    assert cal.image_threshold_from_normalized(0.75) == 6.0

@@ -1,0 +1,313 @@
+"""The ``loomwatch`` command line.
+
+Every user mistake (missing folder, no images, unreadable file, unknown model, bad config)
+ends as one line on stderr and a non-zero exit; tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from models.bundle import BundleError
+from models.overlay import encode_png, render_overlay
+from models.patchcore import WeightsError
+from models.pipeline import Detector
+from models.preprocessing import ImageDecodeError
+from models.registry import MODEL_TYPES, UnknownModelError
+from training.config import ConfigError, load_config
+from training.data import DatasetError, load_dataset, split_dataset
+
+log = logging.getLogger("loomwatch")
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class CliError(Exception):
+    """A user-facing problem: printed as one line, exit status 2."""
+
+
+USER_ERRORS = (
+    CliError,
+    DatasetError,
+    ConfigError,
+    BundleError,
+    ImageDecodeError,
+    UnknownModelError,
+    WeightsError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loomwatch", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser("synth", help="write a synthetic AITEX-layout fabric data set")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--fabrics", type=_positive_int, default=2)
+    synth.add_argument("--normal", type=_positive_int, default=8, help="defect-free per fabric")
+    synth.add_argument("--defective", type=_positive_int, default=6, help="defective per fabric")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--width", type=int, default=4096)
+    synth.add_argument("--height", type=int, default=256)
+
+    train = commands.add_parser("train", help="train, calibrate, evaluate and save a model")
+    train.add_argument("--model", required=True, help=f"one of {', '.join(sorted(MODEL_TYPES))}")
+    train.add_argument("--data", type=Path, required=True)
+    train.add_argument("--fabric", help="AITEX fabric code (e.g. 02) or MVTec category")
+    train.add_argument("--config", type=Path, help="YAML file with config sections")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    train.add_argument("--max-minutes", type=float, help="hard time budget for the command")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=Path, help="bundle folder (default runs/<model>-<time>)")
+    train.add_argument("--register", metavar="NAME", help="register in MLflow (MLflow issue)")
+    train.add_argument("--alias", metavar="A")
+
+    evaluate = commands.add_parser("evaluate", help="metrics and an HTML report on labelled data")
+    evaluate.add_argument("--model-uri", required=True)
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--fabric")
+    evaluate.add_argument("--split", choices=("test", "all"), default="test")
+    evaluate.add_argument("--json", type=Path, dest="json_path")
+    evaluate.add_argument("--report", type=Path, dest="report_dir")
+
+    predict = commands.add_parser("predict", help="score images; write overlays and JSON")
+    predict.add_argument("--model-uri", required=True)
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument("--out", type=Path, default=Path("predictions"))
+    predict.add_argument("--threshold", type=float, help="normalised image threshold (0.5)")
+
+    demo = commands.add_parser("demo", help="synthetic fabric -> train -> evaluate -> predict")
+    demo.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--max-minutes", type=float, default=5.0)
+    return parser
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from training.synth import generate_dataset
+
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out {args.out} exists and is not a folder")
+    try:
+        summary = generate_dataset(
+            args.out,
+            fabrics=args.fabrics,
+            normal=args.normal,
+            defective=args.defective,
+            seed=args.seed,
+            width=args.width,
+            height=args.height,
+            progress=not args.quiet,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(summary)
+    return 0
+
+
+def resolve_model_uri(uri: str) -> Path:
+    path = Path(uri)
+    if path.is_dir():
+        return path
+    if uri.startswith(("models:/", "runs:/")):
+        raise CliError(f"{uri}: MLflow model URIs need the MLflow integration; pass a bundle folder")
+    raise CliError(f"model {uri}: no such bundle folder")
+
+
+def _default_out(model: str, fabric: str | None) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{model}-{fabric or 'all'}-{stamp}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    if args.model not in MODEL_TYPES:
+        raise UnknownModelError(f"unknown model '{args.model}' (known: {', '.join(MODEL_TYPES)})")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise CliError("--max-minutes must be positive")
+    if args.register:
+        raise CliError("--register needs the MLflow integration, which is not installed yet")
+    config, _ = load_config(args.model, args.config, args.overrides)
+    out = args.out or _default_out(args.model, args.fabric)
+    result = train(
+        args.model,
+        args.data,
+        config,
+        out=out,
+        fabric=args.fabric,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    metrics = result.evaluation.metrics
+    shown = ("image_auroc", "strip_auroc", "pixel_auroc", "aupro", "pixel_ap", "f1_max")
+    figures = "  ".join(f"{k}={metrics[k]:.4f}" for k in shown if k in metrics)
+    print(f"trained {args.model} in {result.seconds['total']:.1f} s (fit {result.seconds['fit']:.1f} s)")
+    print(f"validation: {figures}")
+    print(f"bundle: {result.bundle}")
+    print(f"model URI: {result.bundle}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import analyse_samples, evaluation_summary, run_evaluation, write_outputs
+
+    bundle = resolve_model_uri(args.model_uri)
+    detector = Detector.from_bundle(bundle)
+    training = detector.manifest.training
+    fabric = args.fabric if args.fabric is not None else training.get("fabric")
+    dataset = load_dataset(args.data, fabric=fabric if args.split == "test" else args.fabric)
+    if args.split == "test":
+        from training.data import fingerprint
+
+        if training.get("fingerprint") != fingerprint(dataset.samples, dataset.root):
+            raise CliError(
+                f"{args.data} is not the data this model was trained on (fingerprint differs); "
+                "use --split all to evaluate on other data"
+            )
+        split = split_dataset(dataset, training.get("val_fraction", 0.3), training.get("seed", 0))
+        samples = list(split.validation)
+    else:
+        samples = list(dataset.samples)
+    if not samples:
+        raise CliError(f"no images to evaluate in {args.data}")
+    analysed = analyse_samples(detector, samples, progress=not args.quiet, desc="evaluate")
+    result = run_evaluation(detector, analysed)
+    summary = evaluation_summary(detector, result, args.model_uri)
+    report = write_outputs(
+        detector,
+        result,
+        summary,
+        json_path=args.json_path,
+        report_dir=args.report_dir,
+        data=f"{args.data} ({args.split}, fabric {fabric or 'all'})",
+    )
+    print(json.dumps(summary, indent=2))
+    if report is not None:
+        print(f"report: {report}", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    bundle = resolve_model_uri(args.model_uri)
+    detector = Detector.from_bundle(bundle)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in args.images:
+        try:
+            prediction = detector.predict(path, threshold=args.threshold)
+        except (ImageDecodeError, OSError) as exc:
+            print(f"loomwatch: error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        stem = path.stem
+        result = prediction.summary()
+        result.update(image=str(path), model_uri=args.model_uri)
+        result["model_type"] = detector.manifest.model_type
+        (args.out / f"{stem}.overlay.png").write_bytes(encode_png(render_overlay(prediction)))
+        (args.out / f"{stem}.mask.png").write_bytes(encode_png(prediction.post.mask))
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(
+            f"{path}: score {prediction.score:.3f} ({result['decision']}), "
+            f"{len(prediction.post.kept)} regions kept, "
+            f"{len(prediction.post.suppressed)} suppressed -> {args.out / stem}.json"
+        )
+    if failures:
+        raise SystemExit(EXIT_FAILED)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Fresh machine: synthetic fabric -> PatchCore (random backbone) -> evaluate -> predict."""
+    work: Path = args.workdir
+    data, bundle, report = work / "data", work / "bundle", work / "report"
+    quiet = ["--quiet"] if args.quiet else []
+    steps: list[list[str]] = [
+        [*quiet, "synth", "--out", str(data), "--fabrics", "1", "--normal", "8", "--defective", "6"],
+        [*quiet, "train", "--model", "patchcore", "--data", str(data), "--out", str(bundle),
+         "--max-minutes", str(args.max_minutes), "--set", "model.pretrained=false",
+         "--set", "model.backbone=resnet18"],
+        [*quiet, "evaluate", "--model-uri", str(bundle), "--data", str(data),
+         "--json", str(work / "metrics.json"), "--report", str(report)],
+    ]  # fmt: skip
+    for step in steps:
+        print(f"$ loomwatch {' '.join(step)}", flush=True)
+        code = main(step)
+        if code:
+            return code
+    defects = sorted((data / "Defect_images").glob("*.png"))[:2]
+    normal = sorted((data / "NoDefect_images").rglob("*.png"))[:1]
+    step = ["predict", "--model-uri", str(bundle), *map(str, defects + normal)]
+    step += ["--out", str(work / "predictions")]
+    print(f"$ loomwatch {' '.join(step)}", flush=True)
+    code = main([*quiet, *step])
+    print(f"\ndemo done: bundle {bundle}, report {report / 'report.html'}, ")
+    print(f"predictions in {work / 'predictions'}")
+    return code
+
+
+COMMANDS = {
+    "synth": cmd_synth,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    debug = args.debug or bool(os.environ.get("LOOMWATCH_DEBUG"))
+    started = time.monotonic()
+    try:
+        code = COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"loomwatch: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("loomwatch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(
+            f"loomwatch: internal error: {type(exc).__name__}: {exc} (rerun with --debug)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    log.debug("%s took %.1f s", args.command, time.monotonic() - started)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

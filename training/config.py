@@ -1,0 +1,99 @@
+"""The training configuration: defaults, an optional YAML file, then ``--set key=value`` overrides.
+
+Sections: ``model`` (the model's own config class validates it), ``pipeline`` (tiling, valid
+area), ``suppression`` (post-processing defaults stored in the bundle), ``data`` (split) and
+``calibration``. Unknown keys are errors, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.base import ModelConfig
+from models.bundle import PipelineConfig
+from models.postprocess import SuppressionSettings
+from models.registry import model_class
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    val_fraction: float = Field(default=0.3, gt=0.0, lt=1.0)
+
+
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Used only when the validation data has no defective image (no F1 to optimise).
+    image_percentile: float = Field(default=99.0, ge=50.0, le=100.0)
+    pixel_percentile: float = Field(default=99.99, ge=50.0, le=100.0)
+    negative_pixel_rate: float = Field(default=0.05, gt=0.0, le=1.0)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: dict[str, Any] = Field(default_factory=dict)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    suppression: SuppressionSettings = Field(default_factory=SuppressionSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    model_type: str, file: Path | None = None, overrides: list[str] | None = None
+) -> tuple[TrainConfig, ModelConfig]:
+    """Resolve the full config; raises ConfigError with one line on any problem."""
+    tree: dict[str, Any] = {}
+    if file is not None:
+        try:
+            loaded = yaml.safe_load(Path(file).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {file} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {file} must be a mapping of sections")
+        tree = loaded or {}
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    try:
+        config = TrainConfig.model_validate(tree)
+        model_config = model_class(model_type).config_class.model_validate(config.model)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"config error at '{where}': {first['msg']}") from None
+    config.model = model_config.model_dump(mode="json")
+    return config, model_config

@@ -1,0 +1,171 @@
+"""Evaluation: run the serving pipeline over labelled images and compute the metrics.
+
+The same pass also gathers the calibration samples, so training calibrates and evaluates its
+validation split in one run of the model.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from models.overlay import encode_png, render_overlay
+from models.pipeline import Analysis, Detector
+from training.calibrate import CalibrationSamples
+from training.data import Sample, has_pixel_labels, load_image, load_mask
+from training.metrics import EvaluationAccumulator, ImageRecord
+from training.report import write_report
+
+WORST_MISSES = 4
+
+
+@dataclass(order=True)
+class _Miss:
+    badness: float
+    caption: str = field(compare=False)
+    png: bytes = field(compare=False)
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, Any]
+    accumulator: EvaluationAccumulator
+    misses: list[tuple[str, bytes]]
+
+
+def _keep_worst(heap: list[_Miss], badness: float, make: Any) -> None:
+    """Keep the WORST_MISSES worst entries; render an overlay only when it makes the cut."""
+    if len(heap) < WORST_MISSES:
+        heapq.heappush(heap, make())
+    elif badness > heap[0].badness:
+        heapq.heapreplace(heap, make())
+
+
+Analysed = tuple[Sample, Analysis, np.ndarray | None]
+
+
+def analyse_samples(
+    detector: Detector, samples: Sequence[Sample], *, progress: bool = True, desc: str = "analyse"
+) -> Iterator[Analysed]:
+    """Run the model over labelled samples, one at a time: (sample, analysis, mask or None)."""
+    for sample in tqdm(samples, desc=desc, disable=not progress, unit="img"):
+        image = load_image(sample)
+        analysis = detector.analyse(image)
+        mask = load_mask(sample, image.shape) if has_pixel_labels(sample) else None
+        yield sample, analysis, mask
+
+
+def calibration_samples(analysed: Iterable[Analysed], rate: float, seed: int) -> CalibrationSamples:
+    samples = CalibrationSamples(rate=rate, seed=seed)
+    for sample, analysis, mask in analysed:
+        samples.add(analysis.score, sample.label, analysis.anomaly_map, analysis.valid, mask)
+    return samples
+
+
+def run_evaluation(
+    detector: Detector, analysed: Iterable[Analysed], *, seed: int = 0
+) -> EvaluationResult:
+    """Calibrate and post-process each analysis as served; feed the metric accumulator."""
+    accumulator = EvaluationAccumulator(seed=seed)
+    misses: list[_Miss] = []
+    for sample, analysis, mask in analysed:
+        prediction = detector.finish(analysis)
+        record = ImageRecord(
+            name=sample.name,
+            label=sample.label,
+            defect=sample.defect,
+            score=analysis.score,
+            normalized_score=prediction.score,
+            decision=prediction.decision,
+            has_mask=mask is not None,
+        )
+        accumulator.add_image(
+            record,
+            analysis.anomaly_map,
+            mask,
+            analysis.valid,
+            tile_boxes=[box.as_tuple() for box in analysis.boxes],
+            tile_scores=analysis.tile_scores,
+        )
+        # A miss: a defect scored low, or a defect-free image scored high.
+        badness = (1.0 - prediction.score) if sample.label == 1 else prediction.score
+        verdict = "anomalous" if prediction.decision else "normal"
+        kind = sample.defect or "defect-free"
+        caption = f"{sample.name} ({kind}): score {prediction.score:.3f}, decided {verdict}"
+        _keep_worst(
+            misses, badness, lambda p=prediction, c=caption, b=badness: _Miss(b, c, _png(p))
+        )
+    ordered = sorted(misses, reverse=True)
+    metrics = accumulator.compute()
+    return EvaluationResult(metrics, accumulator, [(m.caption, m.png) for m in ordered])
+
+
+def _png(prediction: Any) -> bytes:
+    return encode_png(render_overlay(prediction))
+
+
+def clean_for_json(value: Any) -> Any:
+    """NaN/inf -> None so the JSON is standard; numpy scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): clean_for_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_for_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def evaluation_summary(
+    detector: Detector, result: EvaluationResult, model_uri: str
+) -> dict[str, Any]:
+    summary = dict(result.metrics)
+    summary["threshold"] = detector.calibration.image_threshold
+    summary["pixel_threshold"] = detector.calibration.pixel_threshold
+    summary["model_uri"] = model_uri
+    summary["model_type"] = detector.manifest.model_type
+    return clean_for_json(summary)  # type: ignore[no-any-return]
+
+
+def write_outputs(
+    detector: Detector,
+    result: EvaluationResult,
+    summary: dict[str, Any],
+    *,
+    json_path: Path | None,
+    report_dir: Path | None,
+    data: str,
+) -> Path | None:
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_path.with_name(f".{json_path.name}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(json_path)
+    if report_dir is None:
+        return None
+    info = {
+        "model": summary["model_uri"],
+        "model type": detector.manifest.model_type,
+        "data": data,
+        "image threshold (raw)": f"{detector.calibration.image_threshold:.5g}",
+        "pixel threshold (raw)": f"{detector.calibration.pixel_threshold:.5g}",
+        "calibration": detector.calibration.method,
+    }
+    return write_report(
+        report_dir,
+        title=f"Loomwatch evaluation: {detector.manifest.model_type}",
+        metrics=result.metrics,
+        curves=result.accumulator.curves(),
+        per_defect=result.accumulator.per_defect(),
+        misses=result.misses,
+        info=info,
+    )

@@ -1,0 +1,151 @@
+"""Training orchestration: split -> fit -> calibrate on validation -> evaluate -> save a bundle.
+
+Model-specific fitting lives with each model (``models/``); this module only wires data, time
+budget, calibration and the bundle together. ``--max-minutes`` is a hard budget for the whole
+command: fitting gets ``FIT_SHARE`` of it and the rest is left for calibrating and evaluating.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.base import EpochCallback, FitContext
+from models.bundle import Manifest, library_versions, save_bundle
+from models.calibration import Calibration
+from models.pipeline import Detector
+from models.preprocessing import valid_area
+from models.registry import model_class
+from models.tiling import TileDataset
+from training.calibrate import fit_calibration
+from training.config import TrainConfig
+from training.data import Dataset, Split, fingerprint, load_dataset, load_image, split_dataset
+from training.evaluate import EvaluationResult, analyse_samples, calibration_samples, run_evaluation
+
+log = logging.getLogger(__name__)
+
+FIT_SHARE = 0.75
+
+
+@dataclass
+class TrainResult:
+    bundle: Path
+    manifest: Manifest
+    detector: Detector
+    evaluation: EvaluationResult
+    split: Split
+    dataset: Dataset
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _load_train_images(
+    split: Split, config: TrainConfig, progress: bool
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    images, valids = [], []
+    for sample in tqdm(split.train, desc="load", disable=not progress, unit="img"):
+        image = load_image(sample)
+        images.append(image)
+        valids.append(valid_area(image, config.pipeline.valid_area))
+    return images, valids
+
+
+def _uncalibrated() -> Calibration:
+    return Calibration(
+        image_threshold=0.0, image_min=0.0, image_max=1.0, pixel_threshold=0.0, pixel_min=0.0,
+        pixel_max=1.0,
+    )  # fmt: skip
+
+
+def train(
+    model_type: str,
+    data: Path,
+    config: TrainConfig,
+    *,
+    out: Path,
+    fabric: str | None = None,
+    max_minutes: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    callback: EpochCallback | None = None,
+    on_split: Callable[[Dataset, Split], None] | None = None,
+) -> TrainResult:
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    budget = max_minutes * 60.0 if max_minutes else None
+    dataset = load_dataset(data, fabric=fabric)
+    split = split_dataset(dataset, val_fraction=config.data.val_fraction, seed=seed)
+    if on_split is not None:
+        on_split(dataset, split)
+    cls = model_class(model_type)
+    model = cls(cls.config_class.model_validate(config.model))
+
+    images, valids = _load_train_images(split, config, progress)
+    pipeline = config.pipeline
+    tiles = TileDataset(
+        images, valids, pipeline.tile_size, pipeline.stride, pipeline.train_min_valid_fraction
+    )
+    log.info("%d training images -> %d tiles", len(images), len(tiles))
+    fit_budget = budget * FIT_SHARE - (time.monotonic() - started) if budget else None
+    context = FitContext(
+        deadline=time.monotonic() + fit_budget if fit_budget else None,
+        budget_seconds=fit_budget,
+        callback=callback,
+        progress=progress,
+        seed=seed,
+        batch_size=pipeline.batch_size,
+    )
+    fit_started = time.monotonic()
+    fit_summary = model.fit(tiles, context)
+    fit_seconds = time.monotonic() - fit_started
+    del images, valids, tiles
+
+    manifest = Manifest(
+        model_type=model_type,
+        config=config.model,
+        pipeline=pipeline,
+        calibration=_uncalibrated(),
+        suppression=config.suppression.model_dump(),
+        versions=library_versions(),
+    )
+    detector = Detector(model, manifest)
+    # Validation analyses are kept in memory once, then used to calibrate and to evaluate.
+    analysed = list(analyse_samples(detector, split.validation, progress=progress, desc="validate"))
+    rate = config.calibration.negative_pixel_rate
+    manifest.calibration = fit_calibration(calibration_samples(analysed, rate, seed), config.calibration)
+    evaluation = run_evaluation(detector, analysed, seed=seed)
+    del analysed
+
+    manifest.metrics = {k: _number(v) for k, v in evaluation.metrics.items()}
+    manifest.training = {
+        "data": str(data),
+        "layout": dataset.layout,
+        "fabric": fabric,
+        "seed": seed,
+        "val_fraction": config.data.val_fraction,
+        "fingerprint": fingerprint(dataset.samples, dataset.root),
+        "train_images": len(split.train),
+        "validation_images": len(split.validation),
+        "max_minutes": max_minutes,
+        "fit_seconds": round(fit_seconds, 2),
+        "fit_summary": {k: _number(v) for k, v in fit_summary.items()},
+        "full_config": config.model_dump(mode="json"),
+    }
+    bundle = save_bundle(out, model, manifest)
+    seconds = {"fit": fit_seconds, "total": time.monotonic() - started}
+    return TrainResult(bundle, manifest, detector, evaluation, split, dataset, seconds)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
