@@ -159,15 +159,21 @@ def greedy_coreset(
         reduced = torch.cat([chunk.float() @ projection for chunk in features.split(65536)])
     else:
         reduced = features.float()
+    norms = reduced.pow(2).sum(1)
     chosen = [int(torch.randint(total, (1,), generator=generator))]
-    nearest = (reduced - reduced[chosen[0]]).pow(2).sum(1)
+
+    def squared_distances(index: int) -> torch.Tensor:
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product, no N x d temporary.
+        return norms - 2.0 * torch.mv(reduced, reduced[index]) + norms[index]
+
+    nearest = squared_distances(chosen[0])
     for _ in tqdm(range(size - 1), desc="coreset", disable=not progress, mininterval=1.0):
         if deadline is not None and time.monotonic() > deadline:
             log.warning("coreset selection stopped at the deadline with %d entries", len(chosen))
             break
         index = int(torch.argmax(nearest))
         chosen.append(index)
-        nearest = torch.minimum(nearest, (reduced - reduced[index]).pow(2).sum(1))
+        torch.minimum(nearest, squared_distances(index), out=nearest)
     return torch.tensor(chosen)
 
 

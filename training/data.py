@@ -190,7 +190,9 @@ def _load_aitex(root: Path) -> list[Sample]:
     for label, folder_name in ((1, _AITEX_DEFECT_DIR), (0, _AITEX_NORMAL_DIR)):
         for folder in _folders_named(root, folder_name):
             for path in _walk_images(folder):
-                if path in seen:  # a folder of the same name nested inside another
+                parts = path.relative_to(root).parts
+                inside_masks = _AITEX_MASK_DIR in (part.lower() for part in parts)
+                if path in seen or inside_masks:  # nested folders: count each file once
                     continue
                 seen.add(path)
                 match = _AITEX_NAME.match(path.stem)

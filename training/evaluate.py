@@ -1,7 +1,7 @@
 """Evaluation: run the serving pipeline over labelled images and compute the metrics.
 
-The same pass also gathers the calibration samples, so training calibrates and evaluates its
-validation split in one run of the model.
+Training runs the model once over its validation split and uses those analyses twice: first to
+learn the calibration, then to evaluate with it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from models.pipeline import Analysis, Detector
 from training.calibrate import CalibrationSamples
 from training.data import Sample, has_pixel_labels, load_image, load_mask
 from training.metrics import EvaluationAccumulator, ImageRecord
-from training.report import write_report
 
 WORST_MISSES = 4
 
@@ -152,6 +151,8 @@ def write_outputs(
         tmp.replace(json_path)
     if report_dir is None:
         return None
+    from training.report import write_report  # matplotlib is heavy: import only when reporting
+
     info = {
         "model": summary["model_uri"],
         "model type": detector.manifest.model_type,

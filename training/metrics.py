@@ -223,19 +223,22 @@ class _BottomK:
 class _PooledPixels:
     """The pixel sample of all images, sorted by score (so that scikit-learn's sorts are cheap)."""
 
-    scores: np.ndarray  # float32, ascending
+    scores: np.ndarray  # float32, descending
     labels: np.ndarray  # bool, True = defect
     weights: np.ndarray | None  # subsampling weights; None when every pixel was kept
-    pro_weights: np.ndarray  # 1 / (K |C_k|) on defect pixels, the negative weight elsewhere
+    pro_weights: np.ndarray  # 1 / (K |C_k|) on the pixels of region k, 1 on defect-free ones
+    _roc: tuple[np.ndarray, np.ndarray] | None = None
 
     def defined(self) -> bool:
         return _both_classes(self.labels)
 
     def roc(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self.defined():
-            return np.zeros(0), np.zeros(0)
-        fpr, tpr, _ = roc_curve(self.labels, self.scores, sample_weight=self.weights)
-        return fpr, tpr
+        if self._roc is None:
+            self._roc = np.zeros(0), np.zeros(0)
+            if self.defined():
+                fpr, tpr, _ = roc_curve(self.labels, self.scores, sample_weight=self.weights)
+                self._roc = fpr, tpr
+        return self._roc
 
     def auroc(self) -> float:
         fpr, tpr = self.roc()
@@ -324,20 +327,18 @@ class _PixelSample:
         region_weights = 1.0 / (max(self._n_regions, 1) * sizes.astype(np.float64))
 
         scores = np.concatenate([positive_scores, negative_scores])
-        labels = np.concatenate([np.ones(n_pos, bool), np.zeros(n_neg, bool)])
-        pro_weights = np.concatenate(
-            [region_weights[regions.astype(np.intp)], np.full(n_neg, neg_weight)]
-        )
+        regions = np.concatenate([regions.astype(np.int32), np.full(n_neg, -1, np.int32)])
+        # Descending: scikit-learn sorts descending again, which is fast on sorted input.
+        order = np.argsort(scores, kind="stable")[::-1]
+        scores, regions = scores[order], regions[order]
+        labels = regions >= 0
         weights = None
         if pos_weight != 1.0 or neg_weight != 1.0:
-            weights = np.concatenate([np.full(n_pos, pos_weight), np.full(n_neg, neg_weight)])
-        order = np.argsort(scores, kind="stable")
-        return _PooledPixels(
-            scores=scores[order],
-            labels=labels[order],
-            weights=None if weights is None else weights[order],
-            pro_weights=pro_weights[order],
-        )
+            weights = np.where(labels, pos_weight, neg_weight)
+        # A ROC curve normalises each class by its total weight, so one constant weight per
+        # class is enough: 1 for defect-free pixels, 1 / (K |C_k|) for those of region k.
+        pro_table = np.concatenate([[1.0], region_weights])
+        return _PooledPixels(scores, labels, weights, pro_table[regions + 1])
 
     def _keys(self, size: int) -> np.ndarray:
         return self._rng.integers(0, 2**32, size=size, dtype=np.uint32)
@@ -388,9 +389,12 @@ class EvaluationAccumulator:
     stays under the cap, so small evaluations are exact; see the module notes), each kept with its
     region index, and the exact size of every region is recorded, which is all AUPRO needs.
 
-    Masks: an image with a mask contributes pixels and tiles. A defect-free image (label 0)
-    without a mask has no defect pixels, so it contributes too, as an all-zero mask. A defective
-    image without a mask (mask None) contributes to image and strip metrics only.
+    Masks: an image with a mask contributes pixels and tiles (``record.has_mask`` is only carried
+    along; what counts is the ``mask`` given). A defect-free image (label 0) without a mask has no
+    defect pixels, so it contributes too, as an all-zero mask. A defective image without a mask,
+    or whose mask has no defect pixel in its valid area (AITEX has an all-zero mask), contributes
+    to image and strip metrics only: its defect is somewhere, so its pixels and tiles cannot be
+    counted as defect-free.
 
     Tiles: ``tile_boxes`` are (y0, x0, y1, x1) in image pixels, end exclusive, clipped to the image.
     A tile is anomalous when the mask has a valid defect pixel inside it; tiles without any valid
@@ -426,23 +430,35 @@ class EvaluationAccumulator:
             raise ValueError(
                 f"{record.name}: {len(tile_boxes)} tile boxes but {len(tile_scores)} tile scores"
             )
-        shape = next((a.shape for a in (anomaly_map, mask, valid) if a is not None), None)
-        if mask is None and record.label == 0 and shape is not None:
-            mask = np.zeros(shape, bool)
+        if not all(math.isfinite(score) for score in tile_scores):
+            raise ValueError(f"{record.name}: a tile score is NaN or infinite")
+        shapes = {array.shape for array in (anomaly_map, mask, valid) if array is not None}
+        if len(shapes) > 1:
+            raise ValueError(f"{record.name}: map, mask and valid differ in shape: {shapes}")
+        if mask is None and record.label == 0 and shapes:
+            mask = np.zeros(shapes.pop(), bool)
+        if mask is not None and record.label == 1 and not _has_valid_defect(mask, valid):
+            mask = None  # a defect we cannot locate: its pixels are not known to be normal
 
+        if mask is not None and anomaly_map is not None:
+            self._pixels.add(anomaly_map, mask, valid, record.name)  # checks before it adds
+        if mask is not None or record.label == 0:  # tiles can be labelled
+            defect = None if mask is None else np.asarray(mask) > 0
+            self._add_tiles(tile_boxes, tile_scores, defect, valid)
         self._records.append(record)
+        self._tiled = self._tiled or bool(tile_boxes)
         self._pooled = None
-        if tile_boxes:
-            self._tiled = True
-        if mask is None and record.label == 0:  # nothing to take a shape from: tiles are normal
-            self._add_tiles(tile_boxes, tile_scores, None, valid)
-        elif mask is not None:
-            self._add_tiles(tile_boxes, tile_scores, np.asarray(mask) > 0, valid)
-            if anomaly_map is not None:
-                self._pixels.add(anomaly_map, mask, valid, record.name)
 
     def compute(self) -> dict[str, Any]:
-        """All metrics; NaN where one is undefined (see :func:`to_jsonable` for JSON)."""
+        """All metrics; NaN where one is undefined (see :func:`to_jsonable` for JSON).
+
+        Keys: ``image_auroc`` and ``f1_max`` (with ``f1_max_threshold``, a raw score) over tiles
+        when any image came with tiles, else over images; ``strip_auroc`` over whole images, only
+        when tiles were given; ``pixel_auroc``, ``aupro`` (FPR limit 0.3), ``pixel_ap``;
+        ``n_images``, ``n_anomalous``, ``n_tiles``, ``n_anomalous_tiles``; ``n_pixels`` (valid
+        pixels seen) and ``n_pixels_used`` (in the sample). The pixel sample is pooled (sorted)
+        once and reused until the next image is added.
+        """
         image_labels, image_scores = self._image_units()
         units_labels, units_scores = (
             (self._tile_labels, self._tile_scores) if self._tiled else (image_labels, image_scores)
@@ -472,12 +488,9 @@ class EvaluationAccumulator:
 
         Curves with only one class are left out; long curves are thinned for plotting.
         """
-        image_labels, image_scores = self._image_units()
-        units = {"strip": (image_labels, image_scores)} if self._tiled else {}
-        if self._tiled:
-            units["tile"] = (self._tile_labels, self._tile_scores)
-        else:
-            units["image"] = (image_labels, image_scores)
+        images = self._image_units()
+        tiles = (self._tile_labels, self._tile_scores)
+        units = {"strip": images, "tile": tiles} if self._tiled else {"image": images}
         result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, (labels, scores) in units.items():
             if _both_classes(np.asarray(labels)):
@@ -531,8 +544,6 @@ class EvaluationAccumulator:
         if valid_flags is None and defect is not None:
             valid_flags = np.ones(defect.shape, bool)
         for (y0, x0, y1, x1), score in zip(boxes, scores, strict=True):
-            if not math.isfinite(score):
-                raise ValueError(f"tile {(y0, x0, y1, x1)} has score {score}")
             window = (slice(max(y0, 0), max(y1, 0)), slice(max(x0, 0), max(x1, 0)))
             label = False
             if valid_flags is not None:
@@ -589,6 +600,11 @@ def _binary_labels_and_scores(
     if not np.isfinite(s).all():
         raise ValueError("scores must be finite (no NaN or infinity)")
     return y.astype(bool), s
+
+
+def _has_valid_defect(mask: np.ndarray, valid: np.ndarray | None) -> bool:
+    defect = np.asarray(mask) > 0
+    return bool((defect if valid is None else defect & np.asarray(valid, bool)).any())
 
 
 def _both_classes(labels: np.ndarray) -> bool:

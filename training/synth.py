@@ -28,7 +28,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -62,8 +62,9 @@ PADDING_RANGE_4096 = (160, 1238)
 # Columns kept free of defects next to the fabric edge (on top of the partly white columns and
 # the bright edge line); the same margin the loaders exclude.
 EDGE_MARGIN = 16
-SUBTLE_PROBABILITY = 0.35
+SUBTLE_PROBABILITY = 0.3
 
+_BLOCK_ROWS = 32  # rows of texture computed at once: small enough to stay in cache
 MIN_SIZE = 64
 MAX_WIDTH = 16384
 MAX_HEIGHT = 4096
@@ -81,7 +82,7 @@ class FabricParams:
     twill_repeat: int  # yarns in one weave repeat (2 for plain)
     twill_float: int  # cells a warp floats over in a twill repeat
     twill_direction: int  # +1 or -1: which way the twill diagonal runs
-    angle: float  # degrees the yarn grid is rotated
+    skew: float  # degrees the weft yarns lean from the horizontal
     level: float  # mean grey
     contrast: float  # grey standard deviation of the weave texture
     weft_balance: float  # brightness of weft yarns relative to warp yarns
@@ -118,15 +119,15 @@ def sample_fabric_params(rng: np.random.Generator, weave: str | None = None) -> 
         twill_repeat=repeat,
         twill_float=float_,
         twill_direction=int(rng.choice([-1, 1])),
-        angle=float(rng.uniform(-3.0, 3.0)),
+        skew=float(rng.uniform(-3.0, 3.0)),
         level=float(rng.uniform(75.0, 135.0)),
         contrast=float(rng.uniform(9.0, 22.0)),
         # Warp and weft differ in shine; that difference is what draws the twill lines.
         weft_balance=float(rng.choice([-1, 1]) * rng.uniform(0.15, 0.35) + 1.0),
         yarn_width=float(rng.uniform(0.75, 0.95)),
-        thickness_jitter=float(rng.uniform(0.03, 0.10)),
-        brightness_jitter=float(rng.uniform(0.02, 0.06)),
-        slub=float(rng.uniform(0.01, 0.05)),
+        thickness_jitter=float(rng.uniform(0.01, 0.04)),
+        brightness_jitter=float(rng.uniform(0.005, 0.02)),
+        slub=float(rng.uniform(0.005, 0.02)),
         slub_length=float(rng.uniform(15.0, 60.0)),
         gap=float(rng.uniform(0.5, 0.8)),
         bow=float(rng.uniform(0.0, 4.0)),
@@ -153,24 +154,36 @@ def _smooth_noise_rows(rng: np.random.Generator, rows: int, cols: int, scale: fl
     return np.asarray(cv2.resize(coarse, (cols, rows), interpolation=cv2.INTER_LINEAR))
 
 
-def _warp_up(params: FabricParams, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """True where the warp yarn ``i`` lies over the weft yarn ``j`` (plain: repeat 2, float 1)."""
-    return np.asarray((i + params.twill_direction * j) % params.twill_repeat < params.twill_float)
+def _weave_tables(params: FabricParams) -> dict[str, np.ndarray]:
+    """Per weave cell (code ``(j % R) * R + i % R``): whether the warp is on top, and whether
+    the float on top continues into the cell before / after it along its own yarn."""
+    repeat = params.twill_repeat
+    jm, im = np.divmod(np.arange(repeat * repeat), repeat)
+
+    def up(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return np.asarray((i + params.twill_direction * j) % repeat < params.twill_float)
+
+    return {
+        "up": up(im, jm),
+        "warp_before": up(im, jm - 1).astype(np.float32),
+        "warp_after": up(im, jm + 1).astype(np.float32),
+        "weft_before": (~up(im - 1, jm)).astype(np.float32),
+        "weft_after": (~up(im + 1, jm)).astype(np.float32),
+    }
 
 
-def _yarn_profile(frac: np.ndarray, width: np.ndarray) -> np.ndarray:
+def _yarn_profile(frac: np.ndarray, width: np.ndarray | float) -> np.ndarray:
     """Brightness across a round yarn: 1 on its axis, 0 at its edge and in the gap beside it."""
-    across = np.clip((2.0 * frac - 1.0) / width, -1.0, 1.0)
-    return np.asarray(np.cos(0.5 * math.pi * across))
+    across = np.minimum(np.abs(2.0 * frac - 1.0) / width, 1.0)
+    return np.asarray(np.cos((0.5 * math.pi) * across))
 
 
-def _float_ends(
-    frac: np.ndarray, continues_before: np.ndarray, continues_after: np.ndarray
-) -> np.ndarray:
-    """Shading along a yarn float: darker where the yarn dives under a crossing yarn."""
-    before = np.where(continues_before, 1.0, np.clip(frac / 0.3, 0.0, 1.0))
-    after = np.where(continues_after, 1.0, np.clip((1.0 - frac) / 0.3, 0.0, 1.0))
-    return np.asarray(0.8 + 0.2 * np.sqrt(before * after))
+def _float_ends(frac: np.ndarray, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Shading along a float (``frac`` 0..1 along the cell): darker where the yarn dives under
+    a crossing yarn, that is where it does not continue (``before``/``after`` 0)."""
+    into = np.maximum(before, np.minimum(frac * (1 / 0.3), 1.0))
+    out_of = np.maximum(after, np.minimum((1.0 - frac) * (1 / 0.3), 1.0))
+    return np.asarray(0.8 + 0.2 * into * out_of)
 
 
 def _per_yarn(rng: np.random.Generator, count: int, spread: float, mean: float = 1.0) -> np.ndarray:
@@ -180,54 +193,58 @@ def _per_yarn(rng: np.random.Generator, count: int, spread: float, mean: float =
 def _weave_texture(
     rng: np.random.Generator, params: FabricParams, height: int, width: int
 ) -> np.ndarray:
-    """Float texture of the yarns (brightness about 0..1.3), before blur, gain and noise."""
-    y = np.arange(height, dtype=np.float32)[:, None]
-    x = np.arange(width, dtype=np.float32)[None, :]
-    cos_a, sin_a = math.cos(math.radians(params.angle)), math.sin(math.radians(params.angle))
-    wobble = 0.6 * _smooth_noise_1d(rng, height, 3)[:, None]
-    bow = params.bow * _smooth_noise_1d(rng, width, 3)[None, :]
-    u = (x * cos_a + y * sin_a + wobble) / params.warp_period + rng.uniform(0.0, 64.0)
-    v = (y * cos_a - x * sin_a + bow) / params.weft_period + rng.uniform(0.0, 64.0)
-    i = np.floor(u).astype(np.int32)
-    j = np.floor(v).astype(np.int32)
-    fu, fv = u - i, v - j
-    i -= i.min()
-    j -= j.min()
-    n_warp, n_weft = int(i.max()) + 1, int(j.max()) + 1
+    """Float texture of the yarns (brightness about 0..1.3), before blur, gain and noise.
 
-    up = _warp_up(params, i, j)
-    rows = np.arange(height)[:, None]
-    cols = np.arange(width)[None, :]
+    Warp yarns run down the columns (a line-scan camera follows the warp), so their position
+    depends on x only; the weft carries the fabric's skew and bow. That keeps much of the work
+    on 1-D arrays; the rest runs over blocks of rows, which stay in cache.
+    """
+    repeat = params.twill_repeat
+    u = np.arange(width, dtype=np.float32) / params.warp_period + rng.uniform(0.0, 64.0)
+    u_floor = np.floor(u)
+    fu = u - u_floor
+    i = u_floor.astype(np.int32)
+    i_mod = i % repeat
+    i -= i[0]
+    slope = math.tan(math.radians(params.skew))
+    skew = np.arange(width, dtype=np.float32) * slope + params.bow * _smooth_noise_1d(rng, width, 3)
+    skew -= skew.min()
+    v_phase = float(rng.uniform(0.0, 64.0))
+    j_first = math.floor(v_phase)
+    n_warp = int(i[-1]) + 1
+    n_weft = math.floor((height + float(skew.max())) / params.weft_period + v_phase) - j_first + 1
+    tables = _weave_tables(params)
+
+    warp_width = np.clip(_per_yarn(rng, n_warp, params.thickness_jitter, params.yarn_width), 0.4, 1)
+    weft_width = np.clip(_per_yarn(rng, n_weft, params.thickness_jitter, params.yarn_width), 0.4, 1)
+    warp_shape = _yarn_profile(fu, warp_width[i])[None, :]
+    warp_gap = (1.0 - warp_shape) * params.gap
     warp_slub = 1.0 + params.slub * _smooth_noise_rows(rng, height, n_warp, params.slub_length)
-    weft_slub = 1.0 + params.slub * _smooth_noise_rows(rng, width, n_weft, params.slub_length)
-    warp_gain = _per_yarn(rng, n_warp, params.brightness_jitter)[i] * warp_slub[rows, i]
-    weft_gain = _per_yarn(rng, n_weft, params.brightness_jitter, params.weft_balance)[j]
-    weft_gain = weft_gain * weft_slub[cols, j]
-    warp_width = np.clip(
-        _per_yarn(rng, n_warp, params.thickness_jitter, params.yarn_width), 0.4, 1.0
-    )
-    weft_width = np.clip(
-        _per_yarn(rng, n_weft, params.thickness_jitter, params.yarn_width), 0.4, 1.0
-    )
+    warp_gain = _per_yarn(rng, n_warp, params.brightness_jitter)[i] * np.take(warp_slub, i, axis=1)
+    weft_slub = 1.0 + params.slub * _smooth_noise_rows(rng, width, n_weft, params.slub_length).T
+    weft_slub *= _per_yarn(rng, n_weft, params.brightness_jitter, params.weft_balance)[:, None]
+    fu_row = fu[None, :]
 
-    warp_shape = _yarn_profile(fu, warp_width[i])
-    weft_shape = _yarn_profile(fv, weft_width[j])
-    warp_top = (
-        warp_gain
-        * warp_shape
-        * _float_ends(fv, _warp_up(params, i, j - 1), _warp_up(params, i, j + 1))
-    )
-    weft_top = (
-        weft_gain
-        * weft_shape
-        * _float_ends(fu, ~_warp_up(params, i - 1, j), ~_warp_up(params, i + 1, j))
-    )
-    texture = np.where(
-        up,
-        warp_top + (1.0 - warp_shape) * params.gap,
-        weft_top + (1.0 - weft_shape) * params.gap,
-    )
-    return np.asarray(texture, dtype=np.float32)
+    texture = np.empty((height, width), dtype=np.float32)
+    for top in range(0, height, _BLOCK_ROWS):
+        rows = slice(top, min(top + _BLOCK_ROWS, height))
+        v = np.arange(rows.start, rows.stop, dtype=np.float32)[:, None] + skew[None, :]
+        v *= 1.0 / params.weft_period
+        v += v_phase
+        v_floor = np.floor(v)
+        fv = v - v_floor  # float32; int32 - float32 would give float64
+        j = v_floor.astype(np.int32)
+        cell = (j % repeat) * repeat + i_mod[None, :]
+        j -= j_first
+        weft_shape = _yarn_profile(fv, weft_width[j])
+        warp_top = warp_gain[rows] * warp_shape
+        warp_top *= _float_ends(fv, tables["warp_before"][cell], tables["warp_after"][cell])
+        warp_top += warp_gap
+        weft_top = np.take_along_axis(weft_slub, j, axis=0) * weft_shape
+        weft_top *= _float_ends(fu_row, tables["weft_before"][cell], tables["weft_after"][cell])
+        weft_top += (1.0 - weft_shape) * params.gap
+        texture[rows] = np.where(tables["up"][cell], warp_top, weft_top)
+    return texture
 
 
 def _illumination(
@@ -249,39 +266,45 @@ def make_fabric(
     if height < 1 or width < 1:
         raise ValueError(f"fabric size must be positive, got {width}x{height}")
     texture = _weave_texture(rng, params, height, width)
-    texture = cv2.GaussianBlur(texture, (0, 0), params.blur)
-    texture = (texture - texture.mean()) / max(float(texture.std()), 1e-6)
-    grey = (params.level + params.contrast * texture) * _illumination(rng, params, height, width)
+    grey = np.asarray(cv2.GaussianBlur(texture, (0, 0), params.blur), dtype=np.float32)
+    mean, std = cv2.meanStdDev(grey)
+    # In place: these strips are large and this runs once per strip.
+    grey -= float(mean[0, 0])
+    grey *= params.contrast / max(float(std[0, 0]), 1e-6)
+    grey += params.level
+    grey *= _illumination(rng, params, height, width)
     grey += params.noise * rng.standard_normal((height, width), dtype=np.float32)
-    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    np.rint(grey, out=grey)
+    np.clip(grey, 0, 255, out=grey)
+    return grey.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- padding
 
 
 def _pad_left(rng: np.random.Generator, image: np.ndarray, pad: int) -> int:
-    """White padding over columns [0, pad) of ``image`` (in place); returns the edge zone width.
+    """White padding over columns [0, pad) of ``image`` (in place); returns the width of the
+    edge zone beside it.
 
-    As in AITEX, a few columns next to the padding are only partly white and a bright line (on
-    some strips followed by a darker one) runs along the fabric edge.
+    As in AITEX, the fabric edge is ragged (so a few columns are only partly white) and a bright
+    selvage line, on some strips followed by a darker one, runs along it.
     """
     height = image.shape[0]
     image[:, :pad] = 255
-    partly = int(rng.integers(2, 6))
-    line = int(rng.integers(3, 14))
-    dip = int(rng.integers(0, 8))
-    zone = image[:, pad : pad + partly + line + dip].astype(np.float32)
-    offsets = np.arange(zone.shape[1], dtype=np.float32)
-    ramp = np.clip(1.0 - (offsets + 1.0) / (partly + 1.0), 0.0, 1.0)
-    ramp[partly:] = 0.0
-    jitter = 0.2 * rng.standard_normal(zone.shape).astype(np.float32)
-    whiteness = np.where(ramp > 0, np.clip(ramp + jitter, 0.0, 0.97), 0.0)
-    line_shape = np.exp(-np.maximum(offsets - partly, 0.0) / line)
-    brightness = float(rng.uniform(25.0, 80.0)) * line_shape
-    brightness[: partly - 1] = 0.0
-    brightness[partly + line :] = -float(rng.uniform(10.0, 35.0))
-    along = 1.0 + 0.15 * _smooth_noise_rows(rng, height, 1, 8.0)
-    zone += brightness[None, :] * along
+    ragged = float(rng.uniform(1.0, 4.0))
+    line = float(rng.uniform(4.0, 14.0))
+    dip = float(rng.uniform(2.0, 8.0)) if rng.random() < 0.7 else 0.0
+    zone = image[:, pad : pad + math.ceil(ragged + 2 * line + 2 * dip + 4)].astype(np.float32)
+    edge = 0.5 * ragged * (1.0 + _smooth_noise_1d(rng, height, max(2, height // 8)))
+    distance = np.arange(zone.shape[1], dtype=np.float32)[None, :] - edge[:, None]
+    bright = float(rng.uniform(30.0, 80.0)) * np.exp(
+        -0.5 * ((distance - line / 2) / (line / 2)) ** 2
+    )
+    dark = float(rng.uniform(20.0, 45.0)) * np.exp(
+        -0.5 * ((distance - line - dip) / (dip / 2 + 0.5)) ** 2
+    )
+    zone += bright - (dark if dip else 0.0)
+    whiteness = np.clip(0.5 - distance / 1.5, 0.0, 0.97)
     zone += whiteness * (255.0 - zone)
     # Below 255, so the pure white columns are exactly the padding.
     image[:, pad : pad + zone.shape[1]] = np.clip(np.rint(zone), 0, 254)
@@ -364,7 +387,7 @@ def _long_line(
     """Thin line along a yarn, ``length`` px from ``start``: a warp line (vertical, at column
     ``across_pos``) or a weft line (horizontal, at row ``across_pos``)."""
     half_width = float(rng.uniform(0.5, 2.0))
-    wander = float(rng.uniform(0.5, 6.0) if vertical else rng.uniform(0.3, 2.0))
+    wander = float(rng.uniform(0.5, 12.0) if vertical else rng.uniform(0.3, 3.0))
     path = _wavy_path(rng, length, wander)
     reach = math.ceil(wander + half_width + 4)
     across = np.arange(-reach, reach + 1, dtype=np.float32)[None, :]
@@ -389,7 +412,7 @@ def _broken_end(
     else:
         length = int(rng.integers(max(8, height // 5), height + 1))
         start = anchor[0] - int(rng.integers(0, length))
-    amplitude = _amplitude(rng, 10.0, 35.0, 0.75)
+    amplitude = _amplitude(rng, 12.0, 40.0, 0.75)
     return _long_line(rng, start, anchor[1], length, amplitude, vertical=True)
 
 
@@ -459,7 +482,7 @@ def _contamination(
     top, left = _centred(anchor, alpha)
     # A stain both shifts the grey and soaks the weave, flattening its texture.
     flatten = float(rng.uniform(0.1, 0.5)) * alpha
-    shift = _amplitude(rng, 10.0, 40.0, 0.6) * alpha
+    shift = _amplitude(rng, 15.0, 45.0, 0.6) * alpha
     return _Stroke(top, left, shift, alpha >= 0.5, pull=flatten)
 
 
@@ -475,7 +498,7 @@ def _crease(rng: np.random.Generator, anchor: tuple[int, int], shape: tuple[int,
     across = np.arange(-reach, reach + 1, dtype=np.float32)[None, :]
     distance = (across - path[:, None]) / sigma
     bell = np.exp(-0.5 * distance * distance)
-    amplitude = _amplitude(rng, 8.0, 25.0, 0.5)
+    amplitude = _amplitude(rng, 12.0, 35.0, 0.5)
     shift = amplitude * (float(rng.uniform(-0.5, 0.5)) * bell + distance * bell)
     core = np.abs(distance) <= 1.5
     return _Stroke(0, anchor[1] - reach, shift.astype(np.float32), core)
@@ -596,6 +619,8 @@ def add_defect(
         raise ValueError(f"unknown defect kind {kind!r}; known: {', '.join(DEFECT_KINDS)}")
     if image.ndim != 2 or image.dtype != np.uint8:
         raise ValueError(f"image must be H x W uint8, got {image.shape} {image.dtype}")
+    if valid is not None and valid.shape != image.shape:
+        raise ValueError(f"valid has shape {valid.shape}, image {image.shape}")
     valid = np.ones(image.shape, dtype=bool) if valid is None else valid.astype(bool)
     places = np.flatnonzero(valid)
     if places.size == 0:
@@ -661,7 +686,7 @@ class SynthSummary:
 
 
 def _check_arguments(
-    out: Path, fabrics: int, normal: int, defective: int, width: int, height: int
+    out: Path, fabrics: int, normal: int, defective: int, seed: int, width: int, height: int
 ) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
@@ -671,6 +696,8 @@ def _check_arguments(
         raise ValueError(
             f"normal and defective must be >= 0 and not both 0, got {normal}, {defective}"
         )
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if fabrics * (normal + defective) > MAX_IDS:
         raise ValueError(
             f"at most {MAX_IDS} strips in all, asked for {fabrics * (normal + defective)}"
@@ -688,7 +715,7 @@ def _previous_files(out: Path) -> list[Path]:
         return []
     manifest = out / MANIFEST_NAME
     try:
-        written = json.loads(manifest.read_text())["files"]
+        written = [str(name) for name in json.loads(manifest.read_text())["files"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(
             f"--out {out} is not empty and holds no synthetic data ({MANIFEST_NAME})"
@@ -713,6 +740,17 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     _write_atomic(path, encoded.tobytes())
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One strip to write: its random stream, fabric, defect code and file names."""
+
+    key: tuple[int, ...]
+    fabric: int
+    code: str
+    image: Path
+    mask: Path | None
+
+
 def _defect_plan(seed: int, count: int) -> list[str]:
     """Defect code of each defective strip: every kind in turn, in an order drawn from ``seed``."""
     codes = list(DEFECT_KINDS)
@@ -722,11 +760,41 @@ def _defect_plan(seed: int, count: int) -> list[str]:
 
 def _fabric_plan(seed: int, fabrics: int) -> list[FabricParams]:
     """Fabric looks; the first two are one of each weave, so that a small dataset shows both."""
-    plans = []
+    plans: list[FabricParams] = []
     for f in range(fabrics):
         weave = WEAVES[(seed + f) % len(WEAVES)] if f < len(WEAVES) else None
         plans.append(sample_fabric_params(np.random.default_rng([seed, f, 0]), weave))
     return plans
+
+
+def _jobs(
+    out: Path, plans: list[FabricParams], normal: int, defective: int, seed: int
+) -> list[_Job]:
+    """Every strip in writing order, with a running id. Each strip has its own random stream,
+    so asking for more strips leaves the first ones as they were."""
+    kinds = iter(_defect_plan(seed, len(plans) * defective))
+    jobs: list[_Job] = []
+    for f, params in enumerate(plans):
+        ff = f"{f:02d}"
+        roll = out / "NoDefect_images" / f"synth{ff}-{params.weave}"
+        for k in range(normal):
+            name = f"{len(jobs) + 1:04d}_{NORMAL_CODE}_{ff}"
+            jobs.append(_Job((seed, f, 1, k), f, NORMAL_CODE, roll / f"{name}.png", None))
+        for k in range(defective):
+            code = next(kinds)
+            name = f"{len(jobs) + 1:04d}_{code}_{ff}"
+            image = out / "Defect_images" / f"{name}.png"
+            mask = out / "Mask_images" / f"{name}_mask.png"
+            jobs.append(_Job((seed, f, 2, k), f, code, image, mask))
+    return jobs
+
+
+def _write_strip(job: _Job, params: FabricParams, height: int, width: int) -> None:
+    kind = None if job.mask is None else job.code
+    strip = make_strip(np.random.default_rng(job.key), params, height, width, kind)
+    _write_png(job.image, strip.image)
+    if job.mask is not None and strip.mask is not None:
+        _write_png(job.mask, strip.mask.astype(np.uint8) * 255)
 
 
 def generate_dataset(
@@ -741,43 +809,23 @@ def generate_dataset(
     progress: bool = True,
 ) -> SynthSummary:
     """Write a synthetic AITEX-layout dataset into ``out``: ``normal`` defect-free and
-    ``defective`` strips per fabric. The same arguments always give byte-identical files."""
+    ``defective`` strips per fabric. The same arguments always give byte-identical files.
+
+    ``out`` may be missing, empty, or an earlier output of this function (whose files are
+    replaced); anything else raises ValueError, as do arguments out of range.
+    """
     out = Path(out)
-    _check_arguments(out, fabrics, normal, defective, width, height)
+    _check_arguments(out, fabrics, normal, defective, seed, width, height)
     stale = _previous_files(out)
     plans = _fabric_plan(seed, fabrics)
-    kinds = _defect_plan(seed, fabrics * defective)
-    files: list[Path] = []
-    counts: Counter[str] = Counter()
-    strip_id = 0
-    with tqdm(
-        total=fabrics * (normal + defective), desc="synth", unit="strip", disable=not progress
-    ) as bar:
-        for f, params in enumerate(plans):
-            ff = f"{f:02d}"
-            roll = out / "NoDefect_images" / f"synth{ff}-{params.weave}"
-            for k in range(normal):
-                strip_id += 1
-                strip = make_strip(np.random.default_rng([seed, f, 1, k]), params, height, width)
-                files.append(roll / f"{strip_id:04d}_{NORMAL_CODE}_{ff}.png")
-                _write_png(files[-1], strip.image)
-                bar.update()
-            for k in range(defective):
-                strip_id += 1
-                code = kinds[f * defective + k]
-                rng = np.random.default_rng([seed, f, 2, k])
-                strip = make_strip(rng, params, height, width, code)
-                assert strip.mask is not None
-                stem = f"{strip_id:04d}_{code}_{ff}"
-                files.append(out / "Defect_images" / f"{stem}.png")
-                _write_png(files[-1], strip.image)
-                files.append(out / "Mask_images" / f"{stem}_mask.png")
-                _write_png(files[-1], strip.mask.astype(np.uint8) * 255)
-                counts[code] += 1
-                bar.update()
+    jobs = _jobs(out, plans, normal, defective, seed)
+    for job in tqdm(jobs, desc="synth", unit="strip", disable=not progress):
+        _write_strip(job, plans[job.fabric], height, width)
+    files = [path for job in jobs for path in (job.image, job.mask) if path is not None]
     for path in set(stale) - {path.resolve() for path in files}:
         path.unlink(missing_ok=True)
     _write_manifest(out, files, plans, seed=seed, width=width, height=height)
+    counts = Counter(job.code for job in jobs if job.mask is not None)
     return SynthSummary(
         out=out,
         fabrics=fabrics,

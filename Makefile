@@ -1,0 +1,43 @@
+# Loomwatch: the targets README names.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup demo test lint typecheck pytest format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Fresh machine: synthetic fabric -> train PatchCore -> evaluate (HTML report) -> predict.
+demo: $(STAMP)
+	$(BIN)/loomwatch demo
+
+## Lint, format check, type check and the test suite (what CI runs).
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## Latency and memory of a bundle: make bench BUNDLE=runs/demo/bundle
+bench: $(STAMP)
+	$(BIN)/python bench/latency.py --bundle $(BUNDLE)
+
+clean:
+	rm -rf runs predictions .mypy_cache .ruff_cache .pytest_cache
