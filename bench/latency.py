@@ -83,11 +83,14 @@ def main() -> None:
     prediction = detector.predict(strip)
 
     manifest = detector.manifest
-    print(f"bundle      {args.bundle} ({manifest.model_type}, {manifest.config.get('backbone', '')})")
+    print(
+        f"bundle      {args.bundle} ({manifest.model_type}, {manifest.config.get('backbone', '')})"
+    )
     print(f"threads     {args.threads}   batch size {args.batch_size}   repeats {args.repeats}")
     print(f"strip       {strip.shape[1]}x{strip.shape[0]}, {len(prediction.analysis.boxes)} tiles")
-    print(f"per tile    median {statistics.median(per_tile):8.1f} ms   p95 {percentile(per_tile, 95):8.1f} ms")
-    print(f"per strip   median {statistics.median(per_strip):8.1f} ms   p95 {percentile(per_strip, 95):8.1f} ms")
+    for label, values in (("per tile", per_tile), ("per strip", per_strip)):
+        median, p95 = statistics.median(values), percentile(values, 95)
+        print(f"{label:<11} median {median:8.1f} ms   p95 {p95:8.1f} ms")
     stages = ", ".join(f"{k} {v:.0f}" for k, v in prediction.summary()["timings_ms"].items())
     print(f"stages (ms) {stages}")
     print(f"memory      RSS before load {before:.0f} MiB, after load {loaded:.0f} MiB, "

@@ -27,10 +27,14 @@ class Calibration(BaseModel):
     method: str = "uncalibrated"  # "f1" or "percentile"; how the thresholds were chosen
 
     def normalize_image(self, raw: float) -> float:
-        return float(_normalize(np.float64(raw), self.image_threshold, self.image_min, self.image_max))
+        normalized = _normalize(
+            np.float64(raw), self.image_threshold, self.image_min, self.image_max
+        )
+        return float(normalized)
 
     def normalize_pixels(self, raw: np.ndarray) -> np.ndarray:
-        return _normalize(raw, self.pixel_threshold, self.pixel_min, self.pixel_max).astype(np.float32)
+        normalized = _normalize(raw, self.pixel_threshold, self.pixel_min, self.pixel_max)
+        return np.asarray(normalized, dtype=np.float32)
 
     def image_threshold_from_normalized(self, normalized: float) -> float:
         """The raw image score that a normalised threshold corresponds to (inverse stretch)."""

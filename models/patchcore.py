@@ -46,6 +46,9 @@ class PatchCoreConfig(ModelConfig):
     backbone: Literal["wide_resnet50_2", "resnet18"] = "wide_resnet50_2"
     layers: tuple[str, ...] = ("layer2", "layer3")
     pretrained: bool = True
+    # "imagenet": the fixed ImageNet statistics; "tile": each tile standardised by its own mean
+    # and spread over fabric pixels (robust to illumination drift between and along strips).
+    input_norm: Literal["imagenet", "tile"] = "imagenet"
     weights_file: str | None = None  # a local torchvision state dict (tensors only)
     adapt_batchnorm: bool | None = None  # None: only when the backbone is random
     batchnorm_tiles: int = 256  # tiles used to re-estimate batch-norm statistics
@@ -95,20 +98,27 @@ def build_backbone(config: PatchCoreConfig) -> nn.Module:
 class FeatureExtractor(nn.Module):
     """Runs the backbone up to the deepest requested layer and returns those layers' maps."""
 
-    def __init__(self, network: nn.Module, layers: tuple[str, ...]) -> None:
+    def __init__(self, network: nn.Module, layers: tuple[str, ...], input_norm: str) -> None:
         super().__init__()
         unknown = [name for name in layers if name not in LAYER_ORDER]
         if unknown or not layers:
             raise ValueError(f"layers must be among {LAYER_ORDER}, got {layers}")
         deepest = max(LAYER_ORDER.index(name) for name in layers)
         self.layers = layers
-        self.stem = nn.Sequential(network.conv1, network.bn1, network.relu, network.maxpool)
+        self.input_norm = input_norm
+        parts = [getattr(network, name) for name in ("conv1", "bn1", "relu", "maxpool")]
+        self.stem = nn.Sequential(*parts)
         self.body = nn.ModuleDict({n: getattr(network, n) for n in LAYER_ORDER[: deepest + 1]})
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
 
-    def forward(self, grey: torch.Tensor) -> list[torch.Tensor]:
-        x = (grey.expand(-1, 3, -1, -1) - self.mean) / self.std
+    def forward(self, grey: torch.Tensor, valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+        if self.input_norm == "tile":
+            x = standardise_tiles(grey, valid).expand(-1, 3, -1, -1)
+        else:
+            x = (grey.expand(-1, 3, -1, -1) - self.mean) / self.std
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
         outputs = []
         for name, block in self.body.items():
@@ -116,6 +126,15 @@ class FeatureExtractor(nn.Module):
             if name in self.layers:
                 outputs.append(x)
         return outputs
+
+
+def standardise_tiles(grey: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Zero mean, unit spread per tile, statistics over fabric pixels only."""
+    weight = torch.ones_like(grey) if valid is None else valid.float()
+    count = weight.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1.0)
+    mean = (grey * weight).sum(dim=(1, 2, 3), keepdim=True) / count
+    spread = (((grey - mean) ** 2) * weight).sum(dim=(1, 2, 3), keepdim=True) / count
+    return (grey - mean) / (spread.sqrt() + 1e-3)
 
 
 def patch_embedding(maps: list[torch.Tensor], layer_dim: int, embed_dim: int) -> torch.Tensor:
@@ -128,7 +147,7 @@ def patch_embedding(maps: list[torch.Tensor], layer_dim: int, embed_dim: int) ->
             feature = F.interpolate(
                 feature, size=(height, width), mode="bilinear", align_corners=False
             )
-        batch, channels = feature.shape[:2]
+        channels = feature.shape[1]
         flat = feature.permute(0, 2, 3, 1).reshape(-1, 1, channels)
         pooled.append(F.adaptive_avg_pool1d(flat, layer_dim).reshape(-1, layer_dim))
     stacked = torch.stack(pooled, dim=1).reshape(-1, 1, layer_dim * len(pooled))
@@ -205,15 +224,15 @@ class PatchCore(AnomalyModel):
             network = build_backbone(config)
         else:  # weights come from a bundle right after
             network = getattr(torchvision.models, config.backbone)(weights=None)
-        self.extractor = FeatureExtractor(network, config.layers).eval()
+        self.extractor = FeatureExtractor(network, config.layers, config.input_norm).eval()
         self.extractor.to(memory_format=torch.channels_last)
         self.register_buffer("memory_bank", torch.zeros(0, config.embed_dim))
         self.memory_bank: torch.Tensor
 
     # ---- features -------------------------------------------------------------------------
     @torch.inference_mode()
-    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
-        maps = self.extractor(tiles)
+    def embed(self, tiles: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        maps = self.extractor(tiles, valid)
         return patch_embedding(maps, self.config.layer_dim, self.config.embed_dim)
 
     @staticmethod
@@ -231,8 +250,8 @@ class PatchCore(AnomalyModel):
                 module.momentum = None  # cumulative average over all batches
         self.extractor.train()
         seen = 0
-        for tiles, _ in tqdm(loader, desc="batch-norm", disable=not context.progress):
-            self.extractor(tiles)
+        for tiles, valid in tqdm(loader, desc="batch-norm", disable=not context.progress):
+            self.extractor(tiles, valid)
             seen += tiles.shape[0]
             if seen >= self.config.batchnorm_tiles or context.budget_left() < 0.8:
                 break
@@ -240,19 +259,20 @@ class PatchCore(AnomalyModel):
 
     def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
         started = time.monotonic()
-        if len(tiles) == 0:
+        if len(tiles) == 0:  # type: ignore[arg-type]
             raise ValueError("no defect-free tiles to fit PatchCore on")
+        count = len(tiles)  # type: ignore[arg-type]
         loader: DataLoader[Any] = DataLoader(tiles, batch_size=context.batch_size, shuffle=False)
         adapt = self.config.adapt_batchnorm
         if adapt or (adapt is None and not self.config.pretrained and not self.config.weights_file):
             self._adapt_batchnorm(loader, context)
         generator = torch.Generator().manual_seed(context.seed)
-        per_tile_cap = max(1, self.config.max_train_patches // len(tiles))
+        per_tile_cap = max(1, self.config.max_train_patches // count)
         collected: list[torch.Tensor] = []
         seen_tiles = 0
         for batch, valid in tqdm(loader, desc="features", disable=not context.progress):
-            features = self.embed(batch)
-            keep = self.patch_validity(valid, tuple(features.shape[-2:]))
+            features = self.embed(batch, valid)
+            keep = self.patch_validity(valid, (features.shape[-2], features.shape[-1]))
             for feature, mask in zip(features, keep, strict=True):
                 rows = feature.permute(1, 2, 0)[mask]
                 if rows.shape[0] > per_tile_cap:
@@ -267,7 +287,7 @@ class PatchCore(AnomalyModel):
         if features_all.shape[0] == 0:
             raise ValueError("no training patch lies fully on fabric; check the valid area")
         extracted = time.monotonic()
-        size = max(1, int(round(features_all.shape[0] * self.config.coreset_ratio)))
+        size = max(1, round(features_all.shape[0] * self.config.coreset_ratio))
         indices = greedy_coreset(
             features_all,
             size,
@@ -305,7 +325,7 @@ class PatchCore(AnomalyModel):
     def predict(self, tiles: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
         if self.memory_bank.shape[0] == 0:
             raise RuntimeError("PatchCore has an empty memory bank: fit it or load a bundle")
-        features = self.embed(tiles)
+        features = self.embed(tiles, valid)
         batch, dim, height, width = features.shape
         flat = features.permute(0, 2, 3, 1).reshape(-1, dim)
         distances, nearest = nearest_distances(flat, self.memory_bank, self.config.chunk_size)
@@ -335,7 +355,7 @@ class PatchCore(AnomalyModel):
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return maps
-    radius = int(math.ceil(4 * sigma))
+    radius = math.ceil(4 * sigma)
     kernel_size = 2 * radius + 1
     result: torch.Tensor = torchvision.transforms.functional.gaussian_blur(
         maps, kernel_size=[kernel_size, kernel_size], sigma=[sigma, sigma]

@@ -1,4 +1,4 @@
-"""The one inference path: decode -> preprocess -> tile -> model -> stitch -> calibrate -> post-process.
+"""The one inference path: decode, preprocess, tile, model, stitch, calibrate, post-process.
 
 The API, the CLI's predict and the evaluation all call :class:`Detector`, so what is measured is
 what is served. :meth:`Detector.analyse` stops before calibration (raw map and scores, used by
@@ -117,7 +117,8 @@ class Detector:
             valid = valid_area(image, self.pipeline.valid_area)
             padded, padded_valid = pad_to_tile(image, valid, tile)
         with _timed(timings, "tile"):
-            boxes = plan_tiles(*padded.shape, tile, self.pipeline.stride, padded_valid)
+            height, width = padded.shape
+            boxes = plan_tiles(height, width, tile, self.pipeline.stride, padded_valid)
             pixels = np.stack([padded[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
             masks = np.stack([padded_valid[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
         maps: list[np.ndarray] = []

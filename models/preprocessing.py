@@ -95,7 +95,10 @@ class ValidAreaSettings(BaseModel):
     ``line_fraction`` of its pixels are white; the partly white columns that touch it (each at
     least ``edge_fraction`` white: the ragged, bright border between padding and fabric) count
     as padding too. Rows are judged the same way, over the columns that are not padding.
-    Padding and a ``margin`` of pixels next to it are excluded everywhere.
+    Padding and a ``margin`` of pixels next to it are excluded everywhere. Padding found within
+    ``edge_reach`` pixels of an image end (at most an eighth of the length) also claims
+    everything between it and that end: what lies beyond a white border is the selvage or the
+    machine, not fabric (AITEX fabric 02 shows dark, smooth bands there).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -104,6 +107,21 @@ class ValidAreaSettings(BaseModel):
     line_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     edge_fraction: float = Field(default=0.15, gt=0.0, le=1.0)
     margin: int = Field(default=16, ge=0)
+    edge_reach: int = Field(default=512, ge=0)
+
+
+def _claim_ends(lines: np.ndarray, reach: int) -> np.ndarray:
+    """Extend padding runs that lie wholly near either end of the axis to that end."""
+    reach = min(reach, lines.size // 8)
+    edges = np.diff(np.concatenate([[0], lines.astype(np.int8), [0]]))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    claimed = lines.copy()
+    for start, stop in zip(starts, stops, strict=True):
+        if stop <= reach:
+            claimed[:stop] = True
+        if start >= lines.size - reach:
+            claimed[start:] = True
+    return claimed
 
 
 def _padding_lines(white_fraction: np.ndarray, settings: ValidAreaSettings) -> np.ndarray:
@@ -133,8 +151,8 @@ def valid_area(image: np.ndarray, settings: ValidAreaSettings | None = None) -> 
     # Rows are judged over fabric columns only, so that wide padding at the side of a narrow
     # image does not make every row look white.
     pad_rows = _padding_lines(white[:, ~pad_cols].mean(axis=1), settings)
-    bad_cols = _grow(pad_cols, settings.margin)
-    bad_rows = _grow(pad_rows, settings.margin)
+    bad_cols = _grow(_claim_ends(pad_cols, settings.edge_reach), settings.margin)
+    bad_rows = _grow(_claim_ends(pad_rows, settings.edge_reach), settings.margin)
     return np.asarray(~bad_rows[:, None] & ~bad_cols[None, :])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def axis_starts(start: int, stop: int, tile: int, stride: int, length: int) -> l
     return starts
 
 
-def _valid_span(flags: np.ndarray) -> tuple[int, int]:
+def _valid_span(flags: Any) -> tuple[int, int]:
     indices = np.flatnonzero(flags)
     if indices.size == 0:
         return 0, flags.size

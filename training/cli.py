@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, help=f"one of {', '.join(sorted(MODEL_TYPES))}")
     train.add_argument("--data", type=Path, required=True)
     train.add_argument("--fabric", help="AITEX fabric code (e.g. 02) or MVTec category")
-    train.add_argument("--config", type=Path, help="YAML file with config sections")
+    train.add_argument(
+        "--config", type=Path, help="YAML file with config sections, or a packaged config name"
+    )
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     train.add_argument("--max-minutes", type=float, help="hard time budget for the command")
     train.add_argument("--seed", type=int, default=0)
@@ -132,7 +134,9 @@ def resolve_model_uri(uri: str) -> Path:
     if path.is_dir():
         return path
     if uri.startswith(("models:/", "runs:/")):
-        raise CliError(f"{uri}: MLflow model URIs need the MLflow integration; pass a bundle folder")
+        raise CliError(
+            f"{uri}: MLflow model URIs need the MLflow integration; pass a bundle folder"
+        )
     raise CliError(f"model {uri}: no such bundle folder")
 
 
@@ -165,7 +169,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = result.evaluation.metrics
     shown = ("image_auroc", "strip_auroc", "pixel_auroc", "aupro", "pixel_ap", "f1_max")
     figures = "  ".join(f"{k}={metrics[k]:.4f}" for k in shown if k in metrics)
-    print(f"trained {args.model} in {result.seconds['total']:.1f} s (fit {result.seconds['fit']:.1f} s)")
+    print(
+        f"trained {args.model} in {result.seconds['total']:.1f} s "
+        f"(fit {result.seconds['fit']:.1f} s)"
+    )
     print(f"validation: {figures}")
     print(f"bundle: {result.bundle}")
     print(f"model URI: {result.bundle}")
@@ -235,9 +242,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"{len(prediction.post.kept)} regions kept, "
             f"{len(prediction.post.suppressed)} suppressed -> {args.out / stem}.json"
         )
-    if failures:
-        raise SystemExit(EXIT_FAILED)
-    return 0
+    return EXIT_FAILED if failures else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -246,10 +251,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data, bundle, report = work / "data", work / "bundle", work / "report"
     quiet = ["--quiet"] if args.quiet else []
     steps: list[list[str]] = [
-        [*quiet, "synth", "--out", str(data), "--fabrics", "1", "--normal", "8", "--defective", "6"],
+        [*quiet, "synth", "--out", str(data), "--fabrics", "1", "--normal", "8",
+         "--defective", "6"],
         [*quiet, "train", "--model", "patchcore", "--data", str(data), "--out", str(bundle),
-         "--max-minutes", str(args.max_minutes), "--set", "model.pretrained=false",
-         "--set", "model.backbone=resnet18"],
+         "--max-minutes", str(args.max_minutes), "--config", "patchcore-cpu"],
         [*quiet, "evaluate", "--model-uri", str(bundle), "--data", str(data),
          "--json", str(work / "metrics.json"), "--report", str(report)],
     ]  # fmt: skip

@@ -70,12 +70,37 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+def packaged_configs() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_file(file: Path) -> Path:
+    """A path, or the name of a config shipped with Loomwatch (e.g. ``patchcore-cpu``)."""
+    if Path(file).exists():
+        return Path(file)
+    packaged = CONFIG_DIR / f"{file}.yaml"
+    if packaged.exists():
+        return packaged
+    names = ", ".join(packaged_configs())
+    raise ConfigError(f"config {file}: no such file, nor a packaged config ({names})")
+
+
+def _config_error(exc: ValidationError, prefix: str) -> ConfigError:
+    first = exc.errors()[0]
+    where = prefix + ".".join(str(p) for p in first["loc"])
+    return ConfigError(f"config error at '{where}': {first['msg']}")
+
+
 def load_config(
     model_type: str, file: Path | None = None, overrides: list[str] | None = None
 ) -> tuple[TrainConfig, ModelConfig]:
     """Resolve the full config; raises ConfigError with one line on any problem."""
     tree: dict[str, Any] = {}
     if file is not None:
+        file = resolve_config_file(file)
         try:
             loaded = yaml.safe_load(Path(file).read_text())
         except OSError as exc:
@@ -90,10 +115,11 @@ def load_config(
         _set_path(tree, key, value)
     try:
         config = TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise _config_error(exc, "") from None
+    try:
         model_config = model_class(model_type).config_class.model_validate(config.model)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"config error at '{where}': {first['msg']}") from None
+        raise _config_error(exc, "model.") from None
     config.model = model_config.model_dump(mode="json")
     return config, model_config

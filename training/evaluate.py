@@ -132,7 +132,8 @@ def evaluation_summary(
     summary["pixel_threshold"] = detector.calibration.pixel_threshold
     summary["model_uri"] = model_uri
     summary["model_type"] = detector.manifest.model_type
-    return clean_for_json(summary)  # type: ignore[no-any-return]
+    cleaned: dict[str, Any] = clean_for_json(summary)
+    return cleaned
 
 
 def write_outputs(

@@ -119,7 +119,8 @@ def train(
     # Validation analyses are kept in memory once, then used to calibrate and to evaluate.
     analysed = list(analyse_samples(detector, split.validation, progress=progress, desc="validate"))
     rate = config.calibration.negative_pixel_rate
-    manifest.calibration = fit_calibration(calibration_samples(analysed, rate, seed), config.calibration)
+    samples = calibration_samples(analysed, rate, seed)
+    manifest.calibration = fit_calibration(samples, config.calibration)
     evaluation = run_evaluation(detector, analysed, seed=seed)
     del analysed
 

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.bundle import MANIFEST, WEIGHTS, BundleError, Manifest, PipelineConfig, load_bundle, save_bundle
+from models.bundle import (
+    MANIFEST,
+    WEIGHTS,
+    BundleError,
+    Manifest,
+    PipelineConfig,
+    load_bundle,
+    save_bundle,
+)
 from models.calibration import Calibration
 from models.pipeline import Detector
 from tests.conftest import woven
@@ -38,7 +46,7 @@ def test_round_trip_gives_identical_maps(tmp_path: Path) -> None:
 
 
 def test_save_replaces_atomically_and_leaves_no_temp(tmp_path: Path) -> None:
-    path, _ = saved(tmp_path)
+    saved(tmp_path)
     saved(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
 

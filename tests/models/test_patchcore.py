@@ -11,13 +11,18 @@ from models.patchcore import PatchCore, PatchCoreConfig, greedy_coreset, nearest
 from models.tiling import TileDataset
 from tests.conftest import woven
 
-TINY = {"backbone": "resnet18", "pretrained": False, "layer_dim": 64, "embed_dim": 32,
-        "coreset_ratio": 0.1}  # fmt: skip
+TINY: dict[str, object] = {
+    "backbone": "resnet18",
+    "pretrained": False,
+    "layer_dim": 64,
+    "embed_dim": 32,
+    "coreset_ratio": 0.1,
+}
 
 
 def fitted(seed: int = 0) -> PatchCore:
     torch.manual_seed(seed)
-    model = PatchCore(PatchCoreConfig(**TINY))
+    model = PatchCore(PatchCoreConfig.model_validate(TINY))
     images = [woven(64, 256, seed=s) for s in range(3)]
     tiles = TileDataset(images, [np.ones_like(i, bool) for i in images], 64, 64)
     model.fit(tiles, FitContext(progress=False, seed=seed))
@@ -26,7 +31,8 @@ def fitted(seed: int = 0) -> PatchCore:
 
 def test_nearest_distances_match_brute_force() -> None:
     generator = torch.Generator().manual_seed(0)
-    queries, bank = torch.randn(50, 8, generator=generator), torch.randn(300, 8, generator=generator)
+    queries = torch.randn(50, 8, generator=generator)
+    bank = torch.randn(300, 8, generator=generator)
     distances, index = nearest_distances(queries, bank, chunk_size=64)
     brute = torch.cdist(queries, bank)
     assert torch.allclose(distances, brute.min(1).values, atol=1e-4)
@@ -65,13 +71,13 @@ def test_invalid_pixels_never_drive_the_image_score() -> None:
 
 
 def test_predict_before_fit_is_an_error() -> None:
-    model = PatchCore(PatchCoreConfig(**TINY))
+    model = PatchCore(PatchCoreConfig.model_validate(TINY))
     with pytest.raises(RuntimeError, match="empty memory bank"):
         model.predict(torch.zeros(1, 1, 64, 64), torch.ones(1, 1, 64, 64, dtype=torch.bool))
 
 
 def test_random_backbone_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    PatchCore(PatchCoreConfig(**TINY))
+    PatchCore(PatchCoreConfig.model_validate(TINY))
     assert "RANDOM resnet18 backbone" in caplog.text
 
 
@@ -81,5 +87,7 @@ def test_local_weights_file_is_loaded_without_pickle(tmp_path: pytest.TempPathFa
     path = tmp_path / "resnet18.pth"  # type: ignore[operator]
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), path)
-    model = PatchCore(PatchCoreConfig(**{**TINY, "weights_file": str(path)}))
-    assert torch.equal(model.extractor.stem[0].weight, reference.conv1.weight)
+    model = PatchCore(PatchCoreConfig.model_validate({**TINY, "weights_file": str(path)}))
+    stem_conv = model.extractor.stem[0]
+    assert isinstance(stem_conv, torch.nn.Conv2d)
+    assert torch.equal(stem_conv.weight, reference.conv1.weight)

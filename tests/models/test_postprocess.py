@@ -35,9 +35,13 @@ def test_decision_rule() -> None:
     lenient = postprocess(values, valid, SuppressionSettings(smoothing_sigma=0))
     assert decide(0.7, 0.5, lenient) is True
     assert decide(0.4, 0.5, lenient) is False  # score below threshold: never anomalous
-    strict = postprocess(values, valid, SuppressionSettings(min_region_area=10_000, smoothing_sigma=0))
+    strict = postprocess(
+        values, valid, SuppressionSettings(min_region_area=10_000, smoothing_sigma=0)
+    )
     assert strict.vetoed and decide(0.9, 0.5, strict) is False  # every region suppressed: veto
-    empty = postprocess(np.zeros((20, 20), np.float32), np.ones((20, 20), bool), SuppressionSettings())
+    empty = postprocess(
+        np.zeros((20, 20), np.float32), np.ones((20, 20), bool), SuppressionSettings()
+    )
     assert not empty.vetoed and decide(0.9, 0.5, empty) is True  # score alone is evidence
 
 

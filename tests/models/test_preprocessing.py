@@ -296,3 +296,17 @@ def test_not_an_image_and_missing_file_are_refused(tmp_path: Path) -> None:
         decode_image(b"this is plain text, not pixels")
     with pytest.raises(ImageDecodeError, match="cannot read"):
         decode_image(tmp_path / "missing.png")
+
+
+def test_band_beyond_a_white_border_near_the_end_is_not_fabric() -> None:
+    from tests.conftest import woven
+
+    image = woven(64, 1024)
+    image[:, :100] = 70  # dark selvage band at the left end
+    image[:, 100:110] = 255  # white border line
+    valid = valid_area(image)
+    assert not valid[:, :110].any()  # the band and the border
+    assert valid[:, 110 + 16 + 1 :].all()
+    far = woven(64, 1024)
+    far[:, 500:505] = 255  # a white run in the middle claims only itself and its margin
+    assert valid_area(far)[:, :480].all()
