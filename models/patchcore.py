@@ -29,10 +29,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 import torchvision
+from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from models.augment import AugmentConfig, random_affine
 from models.base import AnomalyModel, EpochLog, FitContext, ModelConfig, ModelOutput, TileData
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class PatchCoreConfig(ModelConfig):
     num_neighbors: int = 9
     smoothing_sigma: float = 4.0
     chunk_size: int = 8192
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class WeightsError(RuntimeError):
@@ -267,18 +270,23 @@ class PatchCore(AnomalyModel):
         if adapt or (adapt is None and not self.config.pretrained and not self.config.weights_file):
             self._adapt_batchnorm(loader, context)
         generator = torch.Generator().manual_seed(context.seed)
-        per_tile_cap = max(1, self.config.max_train_patches // count)
         collected: list[torch.Tensor] = []
         seen_tiles = 0
+        copies = self.config.augment.copies
+        per_tile_cap = max(1, self.config.max_train_patches // (count * (1 + copies)))
         for batch, valid in tqdm(loader, desc="features", disable=not context.progress):
-            features = self.embed(batch, valid)
-            keep = self.patch_validity(valid, (features.shape[-2], features.shape[-1]))
-            for feature, mask in zip(features, keep, strict=True):
-                rows = feature.permute(1, 2, 0)[mask]
-                if rows.shape[0] > per_tile_cap:
-                    pick = torch.randperm(rows.shape[0], generator=generator)[:per_tile_cap]
-                    rows = rows[pick]
-                collected.append(rows.clone())
+            variants = [(batch, valid)]
+            for _ in range(copies):
+                variants.append(random_affine(batch, valid, self.config.augment, generator))
+            for tiles_in, valid_in in variants:
+                features = self.embed(tiles_in, valid_in)
+                keep = self.patch_validity(valid_in, (features.shape[-2], features.shape[-1]))
+                for feature, mask in zip(features, keep, strict=True):
+                    rows = feature.permute(1, 2, 0)[mask]
+                    if rows.shape[0] > per_tile_cap:
+                        pick = torch.randperm(rows.shape[0], generator=generator)[:per_tile_cap]
+                        rows = rows[pick]
+                    collected.append(rows.clone())
             seen_tiles += batch.shape[0]
             if context.budget_left() < 0.3:
                 log.warning("feature extraction stopped at the time budget (%d tiles)", seen_tiles)

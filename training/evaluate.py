@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from models.overlay import encode_png, render_overlay
-from models.pipeline import Analysis, Detector
+from models.overlay import encode_png, render_overlay, wrap_wide
+from models.pipeline import Analysis, Detector, Prediction
 from training.calibrate import CalibrationSamples
 from training.data import Sample, has_pixel_labels, load_image, load_mask
-from training.metrics import EvaluationAccumulator, ImageRecord
+from training.metrics import EvaluationAccumulator, ImageRecord, to_jsonable
 
 WORST_MISSES = 4
 
@@ -100,28 +99,17 @@ def run_evaluation(
         kind = sample.defect or "defect-free"
         caption = f"{sample.name} ({kind}): score {prediction.score:.3f}, decided {verdict}"
         _keep_worst(
-            misses, badness, lambda p=prediction, c=caption, b=badness: _Miss(b, c, _png(p))
+            misses,
+            badness,
+            lambda p=prediction, c=caption, b=badness, m=mask: _Miss(b, c, _png(p, m)),
         )
     ordered = sorted(misses, reverse=True)
     metrics = accumulator.compute()
     return EvaluationResult(metrics, accumulator, [(m.caption, m.png) for m in ordered])
 
 
-def _png(prediction: Any) -> bytes:
-    return encode_png(render_overlay(prediction))
-
-
-def clean_for_json(value: Any) -> Any:
-    """NaN/inf -> None so the JSON is standard; numpy scalars -> Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): clean_for_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean_for_json(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _png(prediction: Prediction, truth: np.ndarray | None) -> bytes:
+    return encode_png(wrap_wide(render_overlay(prediction, truth)))
 
 
 def evaluation_summary(
@@ -132,7 +120,7 @@ def evaluation_summary(
     summary["pixel_threshold"] = detector.calibration.pixel_threshold
     summary["model_uri"] = model_uri
     summary["model_type"] = detector.manifest.model_type
-    cleaned: dict[str, Any] = clean_for_json(summary)
+    cleaned: dict[str, Any] = to_jsonable(summary)
     return cleaned
 
 
@@ -148,7 +136,7 @@ def write_outputs(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         tmp.replace(json_path)
     if report_dir is None:
         return None
