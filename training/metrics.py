@@ -406,6 +406,7 @@ class EvaluationAccumulator:
         self._records: list[ImageRecord] = []
         self._tile_labels: list[int] = []
         self._tile_scores: list[float] = []
+        self._tile_from_clean: list[bool] = []
         self._tiled = False
         self._pooled: _PooledPixels | None = None
 
@@ -444,7 +445,7 @@ class EvaluationAccumulator:
             self._pixels.add(anomaly_map, mask, valid, record.name)  # checks before it adds
         if mask is not None or record.label == 0:  # tiles can be labelled
             defect = None if mask is None else np.asarray(mask) > 0
-            self._add_tiles(tile_boxes, tile_scores, defect, valid)
+            self._add_tiles(tile_boxes, tile_scores, defect, valid, record.label == 0)
         self._records.append(record)
         self._tiled = self._tiled or bool(tile_boxes)
         self._pooled = None
@@ -454,7 +455,8 @@ class EvaluationAccumulator:
 
         Keys: ``image_auroc`` and ``f1_max`` (with ``f1_max_threshold``, a raw score) over tiles
         when any image came with tiles, else over images; ``strip_auroc`` over whole images, only
-        when tiles were given; ``pixel_auroc``, ``aupro`` (FPR limit 0.3), ``pixel_ap``;
+        when tiles were given, with ``tile_auroc_clean_vs_defect`` (tiles of defect-free images
+        against defective tiles only); ``pixel_auroc``, ``aupro`` (FPR limit 0.3), ``pixel_ap``;
         ``n_images``, ``n_anomalous``, ``n_tiles``, ``n_anomalous_tiles``; ``n_pixels`` (valid
         pixels seen) and ``n_pixels_used`` (in the sample). The pixel sample is pooled (sorted)
         once and reused until the next image is added.
@@ -468,6 +470,7 @@ class EvaluationAccumulator:
         result: dict[str, Any] = {"image_auroc": image_auroc(units_labels, units_scores)}
         if self._tiled:
             result["strip_auroc"] = image_auroc(image_labels, image_scores)
+            result["tile_auroc_clean_vs_defect"] = self._clean_vs_defect_tile_auroc()
         result.update(
             pixel_auroc=pooled.auroc(),
             aupro=pooled.aupro(0.3),
@@ -482,6 +485,13 @@ class EvaluationAccumulator:
             n_pixels_used=int(pooled.scores.size),
         )
         return result
+
+    def _clean_vs_defect_tile_auroc(self) -> float:
+        """Tiles of defect-free images against defective tiles, leaving out the defect-free tiles
+        of defective images: the protocol of tile folders split into good/ and defect/."""
+        labels = np.asarray(self._tile_labels)
+        keep = np.asarray(self._tile_from_clean, bool) | (labels == 1)
+        return image_auroc(labels[keep], np.asarray(self._tile_scores)[keep])
 
     def curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """ROC points (fpr, tpr): "strip" and "tile" for tiled data, else "image"; and "pixel".
@@ -539,6 +549,7 @@ class EvaluationAccumulator:
         scores: Sequence[float],
         defect: np.ndarray | None,
         valid: np.ndarray | None,
+        from_clean_image: bool = False,
     ) -> None:
         valid_flags = None if valid is None else np.asarray(valid, bool)
         if valid_flags is None and defect is not None:
@@ -554,6 +565,7 @@ class EvaluationAccumulator:
                     label = bool((defect[window] & tile_valid).any())
             self._tile_labels.append(int(label))
             self._tile_scores.append(float(score))
+            self._tile_from_clean.append(from_clean_image)
 
 
 def _defect_row(code: str, group: Sequence[ImageRecord], auroc: float) -> dict[str, Any]:

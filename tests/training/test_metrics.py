@@ -357,3 +357,21 @@ def test_per_defect_by_hand() -> None:
 def test_to_jsonable_converts_numpy_and_non_finite_values() -> None:
     value = {"a": np.float32(0.5), "b": [float("inf"), np.int64(3)], "c": np.array([1.0, np.nan])}
     assert to_jsonable(value) == {"a": 0.5, "b": [None, 3], "c": [1.0, None]}
+
+
+def test_clean_vs_defect_tile_auroc_leaves_out_normal_tiles_of_defective_images() -> None:
+    # Defective image: tile A (defect, score 5), tile B (no defect, score 9).
+    # Clean image: tiles C (score 1) and D (score 2).
+    # All tiles: positives {5}, negatives {9, 1, 2} -> 2 of 3 pairs ranked right = 0.667.
+    # Clean vs defect: positives {5}, negatives {1, 2} -> 1.0.
+    acc = EvaluationAccumulator()
+    mask = np.zeros((4, 8), bool)
+    mask[1, 1] = True
+    boxes = [(0, 0, 4, 4), (0, 4, 4, 8)]
+    defective = ImageRecord("d", 1, "019", 9.0, 0.9, True, True)
+    clean = ImageRecord("c", 0, None, 2.0, 0.2, False, False)
+    acc.add_image(defective, np.zeros((4, 8)), mask, np.ones((4, 8), bool), boxes, [5.0, 9.0])
+    acc.add_image(clean, np.zeros((4, 8)), None, np.ones((4, 8), bool), boxes, [1.0, 2.0])
+    result = acc.compute()
+    assert result["image_auroc"] == pytest.approx(2 / 3)
+    assert result["tile_auroc_clean_vs_defect"] == pytest.approx(1.0)
