@@ -24,6 +24,7 @@ from models.preprocessing import ImageDecodeError
 from models.registry import MODEL_TYPES, UnknownModelError
 from training.config import ConfigError, load_config
 from training.data import DatasetError, load_dataset, split_dataset
+from training.model_uri import ModelUriError, resolve_model_uri
 
 log = logging.getLogger("loomwatch")
 EXIT_USAGE = 2
@@ -37,6 +38,7 @@ class CliError(Exception):
 USER_ERRORS = (
     CliError,
     DatasetError,
+    ModelUriError,
     ConfigError,
     BundleError,
     ImageDecodeError,
@@ -127,17 +129,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(summary)
     return 0
-
-
-def resolve_model_uri(uri: str) -> Path:
-    path = Path(uri)
-    if path.is_dir():
-        return path
-    if uri.startswith(("models:/", "runs:/")):
-        raise CliError(
-            f"{uri}: MLflow model URIs need the MLflow integration; pass a bundle folder"
-        )
-    raise CliError(f"model {uri}: no such bundle folder")
 
 
 def _default_out(model: str, fabric: str | None) -> Path:
