@@ -52,6 +52,7 @@ OTHER_DESCRIPTIONS = {
     "n_anomalous": "Images with a defect",
     "n_tiles": "Tiles evaluated (padding-only tiles left out)",
     "n_anomalous_tiles": "Tiles with a defect pixel",
+    "tile_auroc_clean_vs_defect": "Tile AUROC, defect-free images' tiles against defective tiles",
     "n_pixels": "Valid pixels seen",
     "n_pixels_used": "Valid pixels used by the pixel metrics (a uniform sample above the cap)",
 }
