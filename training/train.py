@@ -1,8 +1,10 @@
 """Training orchestration: split -> fit -> calibrate on validation -> evaluate -> save a bundle.
 
 Model-specific fitting lives with each model (``models/``); this module only wires data, time
-budget, calibration and the bundle together. ``--max-minutes`` is a hard budget for the whole
-command: fitting gets ``FIT_SHARE`` of it and the rest is left for calibrating and evaluating.
+budget, calibration and the bundle together. ``--max-minutes`` is a hard budget for fitting:
+the model gets ``FIT_SHARE`` of it (it stops in time and keeps its best state), and the rest is
+meant for calibrating and evaluating the validation split, which runs to completion (on a large
+validation split or a loaded machine it can take longer than that rest; its time is printed).
 """
 
 from __future__ import annotations
