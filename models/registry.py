@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from models.base import AnomalyModel
 from models.patchcore import PatchCore
+from models.vae import VAE
 
-MODEL_TYPES: dict[str, type[AnomalyModel]] = {PatchCore.model_type: PatchCore}
+MODEL_TYPES: dict[str, type[AnomalyModel]] = {PatchCore.model_type: PatchCore, VAE.model_type: VAE}
 
 
 class UnknownModelError(ValueError):

@@ -18,18 +18,28 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from models.base import EpochCallback, FitContext
+from models.base import AnomalyModel, EpochCallback, FitContext
 from models.bundle import Manifest, library_versions, save_bundle
 from models.calibration import Calibration
 from models.pipeline import Detector
 from models.preprocessing import valid_area
 from models.registry import model_class
-from models.tiling import TileDataset
+from models.tiling import TileDataset, pad_to_tile, plan_tiles
 from training.calibrate import fit_calibration
 from training.config import TrainConfig
-from training.data import Dataset, Split, fingerprint, load_dataset, load_image, split_dataset
+from training.data import (
+    Dataset,
+    Split,
+    fingerprint,
+    has_pixel_labels,
+    load_dataset,
+    load_image,
+    load_mask,
+    split_dataset,
+)
 from training.evaluate import EvaluationResult, analyse_samples, calibration_samples, run_evaluation
 
 log = logging.getLogger(__name__)
@@ -57,6 +67,55 @@ def _load_train_images(
         images.append(image)
         valids.append(valid_area(image, config.pipeline.valid_area))
     return images, valids
+
+
+def validation_scorer(
+    split: Split, config: TrainConfig, seed: int, max_tiles: int = 96
+) -> Callable[[AnomalyModel], float] | None:
+    """Tile AUROC on a fixed sample of validation tiles, for models that pick their best state.
+
+    All defective tiles (up to half the sample) and a seeded sample of defect-free ones. None
+    when the validation split has no defect mask: the model then falls back to its loss.
+    """
+    pipeline = config.pipeline
+    positives: list[tuple[np.ndarray, np.ndarray]] = []
+    negatives: list[tuple[np.ndarray, np.ndarray]] = []
+    for sample in split.validation:
+        if sample.label == 1 and not has_pixel_labels(sample):
+            continue
+        image = load_image(sample)
+        valid = valid_area(image, pipeline.valid_area)
+        mask = load_mask(sample, image.shape) if sample.label == 1 else np.zeros_like(valid)
+        image, valid = pad_to_tile(image, valid, pipeline.tile_size)
+        mask = np.pad(
+            mask, [(0, image.shape[0] - mask.shape[0]), (0, image.shape[1] - mask.shape[1])]
+        )
+        height, width = image.shape
+        for box in plan_tiles(height, width, pipeline.tile_size, pipeline.stride, valid):
+            window = (slice(box.y0, box.y1), slice(box.x0, box.x1))
+            if not valid[window].any():
+                continue
+            target = positives if (mask[window] & valid[window]).any() else negatives
+            target.append((image[window], valid[window]))
+    if not positives or not negatives:
+        return None
+    rng = np.random.default_rng(seed)
+    positives = positives[: max_tiles // 2]
+    picked = rng.choice(len(negatives), min(len(negatives), max_tiles - len(positives)), False)
+    chosen = positives + [negatives[i] for i in sorted(picked)]
+    labels = np.array([1] * len(positives) + [0] * (len(chosen) - len(positives)))
+    tiles = torch.from_numpy(np.stack([t for t, _ in chosen])).float()[:, None] / 255.0
+    valids = torch.from_numpy(np.stack([v for _, v in chosen]))[:, None]
+
+    def validate(model: AnomalyModel) -> float:
+        scores = []
+        with torch.inference_mode():
+            for start in range(0, len(chosen), pipeline.batch_size):
+                end = start + pipeline.batch_size
+                scores.append(model.predict(tiles[start:end], valids[start:end]).score)
+        return float(roc_auc_score(labels, torch.cat(scores).numpy()))
+
+    return validate
 
 
 def _uncalibrated() -> Calibration:
@@ -103,6 +162,7 @@ def train(
         progress=progress,
         seed=seed,
         batch_size=pipeline.batch_size,
+        validate=validation_scorer(split, config, seed),
     )
     fit_started = time.monotonic()
     fit_summary = model.fit(tiles, context)
