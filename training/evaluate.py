@@ -37,6 +37,9 @@ class EvaluationResult:
     metrics: dict[str, Any]
     accumulator: EvaluationAccumulator
     misses: list[tuple[str, bytes]]
+    # A few tiles worth looking at (the top tile of the first defective images, one clean tile):
+    # uint8 pixels and valid masks, for model-specific figures such as VAE reconstructions.
+    sample_tiles: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
 def _keep_worst(heap: list[_Miss], badness: float, make: Any) -> None:
@@ -74,8 +77,10 @@ def run_evaluation(
     """Calibrate and post-process each analysis as served; feed the metric accumulator."""
     accumulator = EvaluationAccumulator(seed=seed)
     misses: list[_Miss] = []
+    tiles: list[tuple[str, np.ndarray, np.ndarray]] = []
     for sample, analysis, mask in analysed:
         prediction = detector.finish(analysis)
+        _keep_sample_tile(tiles, sample, analysis)
         record = ImageRecord(
             name=sample.name,
             label=sample.label,
@@ -105,7 +110,48 @@ def run_evaluation(
         )
     ordered = sorted(misses, reverse=True)
     metrics = accumulator.compute()
-    return EvaluationResult(metrics, accumulator, [(m.caption, m.png) for m in ordered])
+    return EvaluationResult(metrics, accumulator, [(m.caption, m.png) for m in ordered], tiles)
+
+
+SAMPLE_TILES = 4
+
+
+def _keep_sample_tile(
+    tiles: list[tuple[str, np.ndarray, np.ndarray]], sample: Sample, analysis: Analysis
+) -> None:
+    defective = sum(1 for name, _, _ in tiles if not name.endswith("(defect-free)"))
+    clean = len(tiles) - defective
+    if (sample.label == 1 and defective >= SAMPLE_TILES - 1) or (sample.label == 0 and clean):
+        return
+    on_fabric = [i for i, share in enumerate(analysis.tile_valid) if share > 0]
+    if not on_fabric:
+        return
+    best = max(on_fabric, key=lambda i: analysis.tile_scores[i])
+    box = analysis.boxes[best]
+    window = (slice(box.y0, box.y1), slice(box.x0, box.x1))
+    if analysis.image[window].shape != (box.y1 - box.y0, box.x1 - box.x0):
+        return  # an image smaller than a tile: nothing tile-sized to show
+    kind = sample.defect or "defect-free"
+    tiles.append((f"{sample.name} ({kind})", analysis.image[window], analysis.valid[window]))
+
+
+def model_figures(detector: Detector, result: EvaluationResult) -> list[tuple[str, bytes]]:
+    """Figures a model type offers: for the VAE, input | reconstruction | error map."""
+    if detector.manifest.model_type != "vae" or not result.sample_tiles:
+        return []
+    import torch
+
+    from models.vae import VAE, reconstruction_figure
+
+    model = detector.model
+    assert isinstance(model, VAE)
+    tiles = torch.from_numpy(np.stack([t for _, t, _ in result.sample_tiles])).float()[:, None]
+    valid = torch.from_numpy(np.stack([v for _, _, v in result.sample_tiles]))[:, None]
+    with torch.inference_mode():
+        picture = reconstruction_figure(model, tiles / 255.0, valid)
+    names = ", ".join(name for name, _, _ in result.sample_tiles)
+    caption = f"Input | reconstruction | error map, one row per tile: {names}"
+    return [(caption, encode_png(picture))]
 
 
 def _png(prediction: Prediction, truth: np.ndarray | None) -> bytes:
@@ -157,5 +203,6 @@ def write_outputs(
         curves=result.accumulator.curves(),
         per_defect=result.accumulator.per_defect(),
         misses=result.misses,
+        figures=model_figures(detector, result),
         info=info,
     )
