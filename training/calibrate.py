@@ -1,8 +1,10 @@
 """Learning the calibration (thresholds and normalisation) on validation data.
 
 - Image threshold: the F1-optimal threshold over the validation images' raw scores when both
-  defect-free and defective images are present; otherwise the ``image_percentile`` percentile
-  of the defect-free scores.
+  defect-free and defective images are present, with the two classes weighted equally (the
+  split holds every defective image but only some defect-free ones; unweighted F1 would then
+  favour flagging every image); otherwise the ``image_percentile`` percentile of the
+  defect-free scores.
 - Pixel threshold: the F1-optimal threshold over valid pixels when defect masks are present;
   otherwise the ``pixel_percentile`` percentile of defect-free pixel scores. Pixels are
   collected as all defect pixels plus a seeded sample of the others (rate
@@ -71,8 +73,12 @@ def fit_calibration(samples: CalibrationSamples, config: CalibrationConfig) -> C
     truth = np.concatenate(samples.pixel_labels) if samples.pixel_labels else np.zeros(1, bool)
     methods = []
     if 0 < image_labels.sum() < image_labels.size:
-        image_threshold = f1_optimal_threshold(image_labels, image_scores)
-        methods.append("image:f1")
+        # Both classes weigh the same: a validation split is mostly defective images (every
+        # defective image goes there), and plain F1 then rewards flagging everything.
+        counts = np.bincount(image_labels, minlength=2)
+        balance = np.where(image_labels == 1, 0.5 / counts[1], 0.5 / counts[0])
+        image_threshold = f1_optimal_threshold(image_labels, image_scores, balance)
+        methods.append("image:f1-balanced")
     else:
         normal = image_scores[image_labels == 0] if (image_labels == 0).any() else image_scores
         image_threshold = float(np.percentile(normal, config.image_percentile))
