@@ -20,6 +20,7 @@ Read top to bottom: the backbone, the patch features, the memory bank and its co
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from models.augment import AugmentConfig, random_affine
 from models.base import AnomalyModel, EpochLog, FitContext, ModelConfig, ModelOutput, TileData
+from models.filters import gaussian_filter
 
 log = logging.getLogger(__name__)
 
@@ -140,22 +142,46 @@ def standardise_tiles(grey: torch.Tensor, valid: torch.Tensor | None) -> torch.T
     return (grey - mean) / (spread.sqrt() + 1e-3)
 
 
+@functools.lru_cache(maxsize=16)
+def pooling_matrix(in_dim: int, out_dim: int) -> torch.Tensor:
+    """[in_dim, out_dim] matrix equal to adaptive average pooling over the last dimension."""
+    matrix = torch.zeros(in_dim, out_dim)
+    for j in range(out_dim):
+        start, stop = (j * in_dim) // out_dim, -((-(j + 1) * in_dim) // out_dim)
+        matrix[start:stop, j] = 1.0 / (stop - start)
+    return matrix
+
+
+@functools.lru_cache(maxsize=16)
+def projection_matrices(
+    channels: tuple[int, ...], layer_dim: int, embed_dim: int
+) -> tuple[torch.Tensor, ...]:
+    """Per layer, the linear map of "pool channels to layer_dim, concatenate, pool to embed_dim".
+
+    Both poolings are linear, so they fold into one [channels, embed_dim] matrix per layer and
+    the embedding costs one matrix product per layer instead of two poolings over every patch.
+    """
+    final = pooling_matrix(layer_dim * len(channels), embed_dim)
+    blocks = final.split(layer_dim)
+    pairs = zip(channels, blocks, strict=True)
+    return tuple(pooling_matrix(c, layer_dim) @ block for c, block in pairs)
+
+
 def patch_embedding(maps: list[torch.Tensor], layer_dim: int, embed_dim: int) -> torch.Tensor:
     """Layer maps -> [B, embed_dim, h, w] locally aware patch features."""
     height, width = maps[0].shape[-2:]
-    pooled = []
-    for feature in maps:
+    matrices = projection_matrices(tuple(m.shape[1] for m in maps), layer_dim, embed_dim)
+    embedded: torch.Tensor | None = None
+    for feature, matrix in zip(maps, matrices, strict=True):
         feature = F.avg_pool2d(feature, kernel_size=3, stride=1, padding=1)
         if feature.shape[-2:] != (height, width):
             feature = F.interpolate(
                 feature, size=(height, width), mode="bilinear", align_corners=False
             )
-        channels = feature.shape[1]
-        flat = feature.permute(0, 2, 3, 1).reshape(-1, 1, channels)
-        pooled.append(F.adaptive_avg_pool1d(flat, layer_dim).reshape(-1, layer_dim))
-    stacked = torch.stack(pooled, dim=1).reshape(-1, 1, layer_dim * len(pooled))
-    embedded = F.adaptive_avg_pool1d(stacked, embed_dim).reshape(-1, height, width, embed_dim)
-    return embedded.permute(0, 3, 1, 2).contiguous()
+        part = torch.einsum("bchw,ce->behw", feature, matrix.to(feature.dtype))
+        embedded = part if embedded is None else embedded + part
+    assert embedded is not None
+    return embedded.contiguous()
 
 
 def greedy_coreset(
@@ -351,21 +377,12 @@ class PatchCore(AnomalyModel):
         maps = F.interpolate(
             patch_scores[:, None], size=tiles.shape[-2:], mode="bilinear", align_corners=False
         )
-        maps = gaussian_blur(maps, self.config.smoothing_sigma)[:, 0]
+        if self.config.smoothing_sigma > 0:
+            maps = gaussian_filter(maps, self.config.smoothing_sigma)
+        maps = maps[:, 0]
         return ModelOutput(anomaly_map=maps, score=scores)
 
     def prepare_state(self, state: dict[str, torch.Tensor]) -> None:
         bank = state.get("memory_bank")
         if bank is not None:
             self.memory_bank = torch.zeros_like(bank)
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma <= 0:
-        return maps
-    radius = math.ceil(4 * sigma)
-    kernel_size = 2 * radius + 1
-    result: torch.Tensor = torchvision.transforms.functional.gaussian_blur(
-        maps, kernel_size=[kernel_size, kernel_size], sigma=[sigma, sigma]
-    )
-    return result

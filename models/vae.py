@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.base import AnomalyModel, EpochLog, FitContext, ModelConfig, ModelOutput, TileData
+from models.filters import gaussian_filter
 
 log = logging.getLogger(__name__)
 
@@ -399,24 +400,6 @@ class VAE(AnomalyModel):
         maps = self.error_map(normalised, x_hat)[:, 0]
         scores = image_scores(maps, valid[:, 0], self.config.score, self.config.topk)
         return ModelOutput(anomaly_map=maps, score=scores)
-
-
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, math.ceil(3.0 * sigma))  # sigma 1.5 -> the usual 11-tap SSIM window
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(offsets**2) / (2.0 * sigma**2))
-    return kernel / kernel.sum()
-
-
-def gaussian_filter(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian filter of each channel of [B,C,H,W], reflecting at the borders."""
-    kernel = gaussian_kernel(sigma)
-    channels, radius = x.shape[1], kernel.numel() // 2
-    mode = "reflect" if radius < min(x.shape[-2:]) else "replicate"
-    x = F.pad(x, (radius, radius, radius, radius), mode=mode)
-    row = kernel.to(x.dtype).view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    x = F.conv2d(x, row, groups=channels)
-    return F.conv2d(x, row.transpose(2, 3), groups=channels)
 
 
 def ssim_map(

@@ -91,3 +91,24 @@ def test_local_weights_file_is_loaded_without_pickle(tmp_path: pytest.TempPathFa
     stem_conv = model.extractor.stem[0]
     assert isinstance(stem_conv, torch.nn.Conv2d)
     assert torch.equal(stem_conv.weight, reference.conv1.weight)
+
+
+def test_folded_projection_equals_pooling_twice() -> None:
+    import torch.nn.functional as F
+
+    from models.patchcore import patch_embedding
+
+    generator = torch.Generator().manual_seed(0)
+    maps = [
+        torch.randn(2, 12, 8, 8, generator=generator),
+        torch.randn(2, 20, 4, 4, generator=generator),
+    ]
+    folded = patch_embedding(maps, layer_dim=16, embed_dim=10)
+    pooled = []  # the definition: pool each layer's channels, concatenate, pool again
+    for feature in maps:
+        feature = F.avg_pool2d(feature, 3, 1, 1)
+        feature = F.interpolate(feature, size=(8, 8), mode="bilinear", align_corners=False)
+        flat = feature.permute(0, 2, 3, 1).reshape(-1, 1, feature.shape[1])
+        pooled.append(F.adaptive_avg_pool1d(flat, 16).reshape(-1, 16))
+    both = F.adaptive_avg_pool1d(torch.cat(pooled, 1)[:, None], 10).reshape(2, 8, 8, 10)
+    assert torch.allclose(folded, both.permute(0, 3, 1, 2), atol=1e-5)
