@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## Fresh machine: synthetic fabric -> train PatchCore -> evaluate (HTML report) -> predict.
+## Fresh machine: synthetic fabric -> PatchCore tracked in MLflow, registered as
+## fabric-demo@champion -> evaluate (HTML report) -> predict -> serve (Ctrl-C stops it).
 demo: $(STAMP)
 	$(BIN)/loomwatch demo
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from models.preprocessing import ImageDecodeError
 from models.registry import MODEL_TYPES, UnknownModelError
 from training.config import ConfigError, load_config
 from training.data import DatasetError, load_dataset, split_dataset
-from training.model_uri import ModelUriError, resolve_model_uri
+from training.model_uri import ModelUriError, TrackingError, resolve_model_uri
 
 log = logging.getLogger("loomwatch")
 EXIT_USAGE = 2
@@ -39,6 +40,7 @@ USER_ERRORS = (
     CliError,
     DatasetError,
     ModelUriError,
+    TrackingError,
     ConfigError,
     BundleError,
     ImageDecodeError,
@@ -83,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=float, help="hard time budget for the command")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", type=Path, help="bundle folder (default runs/<model>-<time>)")
-    train.add_argument("--register", metavar="NAME", help="register in MLflow (MLflow issue)")
-    train.add_argument("--alias", metavar="A")
+    train.add_argument(
+        "--register", metavar="NAME", help="register the model as a new version of NAME"
+    )
+    train.add_argument("--alias", metavar="A", help="point alias A of NAME at the new version")
 
     evaluate = commands.add_parser("evaluate", help="metrics and an HTML report on labelled data")
     evaluate.add_argument("--model-uri", required=True)
@@ -100,9 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, default=Path("predictions"))
     predict.add_argument("--threshold", type=float, help="normalised image threshold (0.5)")
 
-    demo = commands.add_parser("demo", help="synthetic fabric -> train -> evaluate -> predict")
+    promote = commands.add_parser(
+        "promote", help="move alias 'champion' to the newest version if it does better"
+    )
+    promote.add_argument("name", metavar="NAME", help="registered model name")
+    promote.add_argument("--metric", default="image_auroc", help="higher is better")
+    promote.add_argument(
+        "--data", type=Path, help="evaluate both versions on every image here (else logged figures)"
+    )
+    promote.add_argument("--fabric", help="with --data: one AITEX fabric or MVTec category")
+
+    serve = commands.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)")
+    serve.add_argument("--model-uri", help="bundle folder or MLflow URI (default: $MODEL_URI)")
+    serve.add_argument("--host", help="interface to listen on (default: $HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: $PORT or 8000)")
+
+    demo = commands.add_parser(
+        "demo", help="synthetic fabric -> train -> register (alias champion) -> serve"
+    )
     demo.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--max-minutes", type=float, default=5.0)
+    demo.add_argument("--max-minutes", type=float, default=2.0, help="training budget")
+    demo.add_argument("--name", default="fabric-demo", help="registered model name")
+    demo.add_argument("--no-serve", action="store_true", help="stop after predict")
     return parser
 
 
@@ -136,27 +159,66 @@ def _default_out(model: str, fabric: str | None) -> Path:
     return Path("runs") / f"{model}-{fabric or 'all'}-{stamp}"
 
 
+_REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_ALIAS = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _check_registration(name: str | None, alias: str | None) -> None:
+    """Refuse a name or alias MLflow would reject before training, not after."""
+    if alias and not name:
+        raise CliError("--alias needs --register NAME")
+    if name is not None and not _REGISTRY_NAME.fullmatch(name):
+        raise CliError(f"--register {name!r}: use letters, digits, '_', '.', '-' (no '/' or '@')")
+    if alias is not None and (
+        not _ALIAS.fullmatch(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias)
+    ):
+        raise CliError(f"--alias {alias!r}: use letters, digits, '_', '-'; not 'latest' or 'v<N>'")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import resolve_config_file
+    from training.tracking import run_tags, training_run
     from training.train import train
 
     if args.model not in MODEL_TYPES:
         raise UnknownModelError(f"unknown model '{args.model}' (known: {', '.join(MODEL_TYPES)})")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise CliError("--max-minutes must be positive")
-    if args.register:
-        raise CliError("--register needs the MLflow integration, which is not installed yet")
+    _check_registration(args.register, args.alias)
     config, _ = load_config(args.model, args.config, args.overrides)
+    config_file = resolve_config_file(args.config) if args.config is not None else None
     out = args.out or _default_out(args.model, args.fabric)
-    result = train(
-        args.model,
-        args.data,
-        config,
-        out=out,
-        fabric=args.fabric,
-        max_minutes=args.max_minutes,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    tags = run_tags(args.model, args.fabric, args.data)
+    with training_run(out.name, tags, progress=not args.quiet) as run:
+        print(f"MLflow run {run.run_id} (store {run.store})", flush=True)
+        run.log_params(
+            config,
+            {
+                "model_type": args.model,
+                "data": str(args.data),
+                "fabric": args.fabric,
+                "seed": args.seed,
+                "max_minutes": args.max_minutes,
+                "config_file": str(config_file) if config_file else None,
+                "out": str(out),
+            },
+        )
+        result = train(
+            args.model,
+            args.data,
+            config,
+            out=out,
+            fabric=args.fabric,
+            max_minutes=args.max_minutes,
+            seed=args.seed,
+            progress=not args.quiet,
+            callback=run.on_epoch,
+            on_split=run.on_split,
+        )
+        scope = f"{args.data} (validation split, fabric {args.fabric or 'all'})"
+        run.log_result(result, config, config_file, scope)
+        if args.register:
+            run.register(args.register, args.alias)
     metrics = result.evaluation.metrics
     shown = ("image_auroc", "strip_auroc", "pixel_auroc", "aupro", "pixel_ap", "f1_max")
     figures = "  ".join(f"{k}={metrics[k]:.4f}" for k in shown if k in metrics)
@@ -166,7 +228,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"validation: {figures}")
     print(f"bundle: {result.bundle}")
-    print(f"model URI: {result.bundle}")
+    print(f"MLflow run: {run.run_id}")
+    print(f"model URI: {run.model_uri}")
+    if args.register and args.alias:
+        print(f"alias: models:/{args.register}@{args.alias}")
     return 0
 
 
@@ -236,17 +301,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failures else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.server import run
+
+    return run(model_uri=args.model_uri, host=args.host, port=args.port)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Exit 0 whether or not the alias moved: "not promoted: <why>" is an answer, not an error."""
+    from training.promote import promote
+    from training.tracking import use_tracking_store
+
+    if args.fabric is not None and args.data is None:
+        raise CliError("--fabric needs --data DIR")
+    use_tracking_store(progress=not args.quiet)
+    decision = promote(
+        args.name, args.metric, data=args.data, fabric=args.fabric, progress=not args.quiet
+    )
+    print(decision.message)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Fresh machine: synthetic fabric -> PatchCore (random backbone) -> evaluate -> predict."""
+    """Fresh machine: synthetic fabric -> PatchCore (random backbone) -> MLflow, registered with
+    alias champion -> evaluate and predict through the registry -> serve it."""
     work: Path = args.workdir
     data, bundle, report = work / "data", work / "bundle", work / "report"
+    champion = f"models:/{args.name}@champion"
     quiet = ["--quiet"] if args.quiet else []
     steps: list[list[str]] = [
         [*quiet, "synth", "--out", str(data), "--fabrics", "1", "--normal", "8",
          "--defective", "6"],
         [*quiet, "train", "--model", "patchcore", "--data", str(data), "--out", str(bundle),
-         "--max-minutes", str(args.max_minutes), "--config", "patchcore-cpu"],
-        [*quiet, "evaluate", "--model-uri", str(bundle), "--data", str(data),
+         "--max-minutes", str(args.max_minutes), "--config", "patchcore-cpu",
+         "--set", "model.augment.copies=0",  # a quick model: no augmented copies
+         "--register", args.name, "--alias", "champion"],
+        [*quiet, "evaluate", "--model-uri", champion, "--data", str(data),
          "--json", str(work / "metrics.json"), "--report", str(report)],
     ]  # fmt: skip
     for step in steps:
@@ -256,13 +346,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return code
     defects = sorted((data / "Defect_images").glob("*.png"))[:2]
     normal = sorted((data / "NoDefect_images").rglob("*.png"))[:1]
-    step = ["predict", "--model-uri", str(bundle), *map(str, defects + normal)]
+    step = ["predict", "--model-uri", champion, *map(str, defects + normal)]
     step += ["--out", str(work / "predictions")]
     print(f"$ loomwatch {' '.join(step)}", flush=True)
     code = main([*quiet, *step])
     print(f"\ndemo done: bundle {bundle}, report {report / 'report.html'}, ")
     print(f"predictions in {work / 'predictions'}")
-    return code
+    print(f"registered: {champion}; `mlflow ui` in this folder shows the run and the model")
+    serve = ["serve", "--model-uri", champion]
+    if code or args.no_serve:
+        print(f"to serve it: loomwatch {' '.join(serve)}")
+        return code
+    print(f"$ loomwatch {' '.join(serve)}    (Ctrl-C stops it)", flush=True)
+    return main([*quiet, *serve])
 
 
 COMMANDS = {
@@ -270,6 +366,8 @@ COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
+    "promote": cmd_promote,
+    "serve": cmd_serve,
     "demo": cmd_demo,
 }
 

@@ -1,23 +1,187 @@
 """Model URIs: where a bundle comes from.
 
-Accepted: a local bundle folder. (MLflow URIs — ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
-``runs:/RUN_ID/PATH`` — are resolved by the MLflow integration.)
+Accepted everywhere a ``--model-uri`` is (evaluate, predict, serve):
+
+* a local bundle folder (``manifest.json`` + ``weights.safetensors``), or a local MLflow model
+  folder holding one under ``artifacts/bundle``;
+* ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` (the MLflow model registry);
+* ``runs:/RUN_ID/PATH`` (``runs:/<id>/model``, the logged model, or ``runs:/<id>/bundle``);
+* ``models:/<logged model id>`` (``models:/m-...``).
+
+MLflow URIs are downloaded through MLflow from the store :func:`training.tracking.tracking_uri`
+names, into a local cache (``.loomwatch/model-cache`` in the current directory, or
+``LOOMWATCH_MODEL_CACHE``), once per immutable target: an alias is first resolved to its version,
+so moving the alias is seen at once while a version is downloaded only once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
+
+import yaml
+
+from models.bundle import MANIFEST, BundleError, read_manifest
+
+MLMODEL = "MLmodel"
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class ModelUriError(ValueError):
     """The URI names nothing loadable; the message says why in one line."""
 
 
+class TrackingError(RuntimeError):
+    """MLflow could not do what was asked (unreachable server, unknown registered model...).
+
+    Defined here, not in :mod:`training.tracking`, so that the CLI can catch it without
+    importing MLflow for every command.
+    """
+
+
 def resolve_model_uri(uri: str) -> Path:
-    """Return a local bundle folder for `uri`."""
+    """Return a local bundle folder for `uri` (downloading and caching MLflow models)."""
+    if uri.startswith(MLFLOW_SCHEMES):
+        return _from_mlflow(uri)
     path = Path(uri).expanduser()
     if path.is_dir():
-        return path
-    if uri.startswith(("models:/", "runs:/")):
-        raise ModelUriError(f"{uri}: MLflow model URIs are not supported yet; pass a bundle folder")
-    raise ModelUriError(f"model {uri}: no such bundle folder")
+        return bundle_in(path)
+    raise ModelUriError(
+        f"model {uri}: no such bundle folder (or use models:/NAME@ALIAS, models:/NAME/VERSION, "
+        "runs:/RUN_ID/PATH)"
+    )
+
+
+def bundle_in(folder: Path) -> Path:
+    """The bundle in `folder`: the folder itself, or the ``bundle`` artifact of an MLflow model."""
+    mlmodel = folder / MLMODEL
+    if not mlmodel.is_file() or (folder / MANIFEST).exists():
+        return folder
+    try:
+        spec = yaml.safe_load(mlmodel.read_text())
+        relative = spec["flavors"]["python_function"]["artifacts"]["bundle"]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        raise ModelUriError(f"{folder}: an MLflow model without a Loomwatch bundle") from None
+    return folder / str(relative)
+
+
+def cache_root() -> Path:
+    configured = os.environ.get("LOOMWATCH_MODEL_CACHE", "").strip()
+    return Path(configured).expanduser() if configured else Path.cwd() / ".loomwatch/model-cache"
+
+
+def pin_model_uri(uri: str) -> str:
+    """The immutable form of an MLflow URI: ``models:/NAME@ALIAS`` -> ``models:/NAME/3``.
+
+    Tells which registered version is behind an alias (e.g. the one being served); other URIs
+    come back unchanged.
+    """
+    if not uri.startswith(MLFLOW_SCHEMES):
+        return uri
+    from training.tracking import mlflow_errors, use_tracking_store
+
+    try:
+        use_tracking_store()
+        with mlflow_errors(uri):
+            return _pin(uri)
+    except TrackingError as exc:
+        raise ModelUriError(str(exc)) from None
+
+
+def _from_mlflow(uri: str) -> Path:
+    from training.tracking import mlflow_errors, tracking_uri
+
+    pinned = pin_model_uri(uri)
+    target = _cache_folder(tracking_uri(), pinned)
+    if not (target.is_dir() and _complete(target)):
+        try:
+            with mlflow_errors(uri):
+                _download(pinned, target)
+        except TrackingError as exc:
+            raise ModelUriError(str(exc)) from None
+    return bundle_in(target)
+
+
+def _pin(uri: str) -> str:
+    """The immutable URI behind `uri`: an alias or ``latest`` becomes its version number."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        if not run_id or not path.strip("/"):
+            raise ModelUriError(f"{uri}: expected runs:/RUN_ID/PATH")
+        client.get_run(run_id)  # a clear "run not found" before any download
+        return f"runs:/{run_id}/{path.strip('/')}"
+    rest = uri.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, _, alias = rest.rpartition("@")
+        if not name or not alias:
+            raise ModelUriError(f"{uri}: expected models:/NAME@ALIAS")
+        version = client.get_model_version_by_alias(name, alias)
+        return f"models:/{name}/{version.version}"
+    name, slash, version_text = rest.rpartition("/")
+    if not slash:  # models:/<logged model id>
+        if not rest:
+            raise ModelUriError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        client.get_logged_model(rest)
+        return f"models:/{rest}"
+    if version_text == "latest":
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise ModelUriError(f"{uri}: registered model '{name}' has no versions")
+        version_text = str(max(int(v.version) for v in versions))
+    if not version_text.isdigit():
+        raise ModelUriError(f"{uri}: the version must be a number, 'latest', or use @ALIAS")
+    client.get_model_version(name, version_text)
+    return f"models:/{name}/{version_text}"
+
+
+def _cache_folder(store: str, pinned: str) -> Path:
+    """One folder per (store, immutable URI); readable, and unique by a short hash."""
+    digest = hashlib.sha256(f"{store}\n{pinned}".encode()).hexdigest()[:12]
+    readable = _SAFE.sub("_", pinned.replace(":/", "-")).strip("_")[:80]
+    return cache_root() / f"{readable}-{digest}"
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        read_manifest(bundle_in(folder))
+    except (BundleError, ModelUriError):
+        return False
+    return True
+
+
+def _download(pinned: str, target: Path) -> None:
+    """Download into a temporary folder beside `target`, check it, then rename it into place."""
+    import mlflow
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        downloaded = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(staging))
+        local = Path(downloaded)
+        if local != staging:  # runs:/<id>/<path> lands in staging/<path>
+            inner = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            shutil.rmtree(inner)
+            os.replace(local, inner)
+            shutil.rmtree(staging)
+            staging = inner
+        try:
+            read_manifest(bundle_in(staging))
+        except BundleError as exc:
+            raise ModelUriError(f"{pinned} is not a Loomwatch model: {exc}") from None
+        if target.exists():
+            shutil.rmtree(target)  # an incomplete earlier download
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not _complete(target):  # a concurrent download won the race: use theirs
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

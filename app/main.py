@@ -1,0 +1,102 @@
+"""The FastAPI application: `create_app(settings)`, and `app` for `uvicorn app.main:app`.
+
+Start-up (lifespan) loads the one model from MODEL_URI and warms it; until that is done, and
+once shutdown begins, /ready and the scoring routes answer 503. A model that cannot be loaded
+stops start-up with :class:`~app.model.StartupError` (no fallback model).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import install_error_handlers
+from app.inference_log import InferenceLog
+from app.metrics import Metrics
+from app.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
+from app.model import StartupError, load_model
+from app.pool import InferencePool
+from app.routes import api, probes
+from app.service import Scorer
+from app.settings import Settings
+
+log = logging.getLogger("loomwatch.app")
+
+DESCRIPTION = """
+Fabric-defect detection. POST an image of fabric to **/predict** and get its anomaly score, the
+decision, the defect regions kept, the log of what post-processing suppressed and why, a mask
+and per-stage timings. **/predict/overlay** answers the same as a picture.
+
+Scores are normalised so that the calibrated threshold is **0.5**; raw scores are included.
+When the service runs with `API_KEY`, use **Authorize** (X-API-Key or Bearer).
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    app.state.not_ready_reason = "loading the model"
+    if settings.inference_threads:
+        torch.set_num_threads(settings.inference_threads)
+    try:
+        model = await run_in_threadpool(load_model, settings)
+    except StartupError as exc:
+        app.state.startup_error = str(exc)
+        app.state.not_ready_reason = str(exc)
+        raise
+    pool = InferencePool(settings.inference_workers, settings.max_queue_depth, metrics)
+    inference_log = InferenceLog(
+        settings.inference_log_path,
+        settings.inference_log_max_bytes,
+        settings.inference_log_backups,
+        metrics.log_failures,
+    )
+    app.state.scorer = Scorer(model, pool, inference_log, metrics, settings)
+    metrics.model.info({"name": model.name, "version": model.version, "type": model.type})
+    metrics.ready.set(1)
+    log.info("ready: %s version %s", model.name, model.version)
+    try:
+        yield
+    finally:
+        app.state.scorer = None
+        app.state.not_ready_reason = "shutting down"
+        metrics.ready.set(0)
+        await run_in_threadpool(pool.shutdown)
+        inference_log.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="Loomwatch",
+        summary="Fabric-defect detection: anomaly scores, defect masks and suppression logs.",
+        description=DESCRIPTION,
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics = Metrics()
+    app.state.scorer = None
+    app.state.not_ready_reason = "the model is not loaded (start-up has not run)"
+    app.state.startup_error = None
+    install_error_handlers(app)
+    app.include_router(probes)
+    app.include_router(api)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=[REQUEST_ID_HEADER],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

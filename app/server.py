@@ -1,0 +1,62 @@
+"""`loomwatch serve`: the app under uvicorn, with start-up failures as one clear line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from app.main import create_app
+from app.model import StartupError
+from app.settings import Settings
+
+EXIT_STARTUP_FAILED = 2
+
+
+class _HideStartupTraceback(logging.Filter):
+    """Uvicorn logs the lifespan's traceback; a StartupError is reported as one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Traceback") and StartupError.__name__ in message)
+
+
+def _settings(model_uri: str | None, host: str | None, port: int | None) -> Settings:
+    given: dict[str, Any] = {"model_uri": model_uri, "host": host, "port": port}
+    return Settings(**{key: value for key, value in given.items() if value is not None})
+
+
+def run(model_uri: str | None = None, host: str | None = None, port: int | None = None) -> int:
+    """Serve until interrupted; arguments override the settings (environment, .env).
+
+    Returns the exit status: 0 after a normal shutdown, 2 when start-up failed.
+    """
+    try:
+        settings = _settings(model_uri, host, port)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]).upper()
+        print(f"loomwatch: error: setting {where}: {first['msg']}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    if not settings.model_uri:
+        print("loomwatch: error: no model: pass --model-uri or set MODEL_URI", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, lifespan="on", timeout_graceful_shutdown=10
+    )
+    logging.getLogger("uvicorn.error").addFilter(_HideStartupTraceback())
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits (status 3) when start-up fails
+        if server.started:
+            raise
+    if not server.started:
+        reason = app.state.startup_error or "the server did not start (see the log above)"
+        print(f"loomwatch: error: {reason}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    return 0

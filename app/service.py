@@ -1,0 +1,312 @@
+"""Scoring uploads: check them, run the pipeline in the pool, shape the answer, log it.
+
+Routes stay a few lines long; everything between "an upload arrived" and "here is the JSON"
+lives here. The CPU work (decode, model, post-processing, PNG encoding) runs in the worker pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from fastapi import UploadFile
+
+from app.errors import ApiError
+from app.imaging import ImageInfo, probe_image, rle_counts
+from app.inference_log import InferenceLog
+from app.metrics import Metrics
+from app.model import LoadedModel
+from app.pool import InferencePool, InferenceTimeoutError, QueueFullError
+from app.schemas import (
+    BatchItem,
+    BatchResponse,
+    ErrorResponse,
+    HeatmapOut,
+    ImageOut,
+    MaskFormat,
+    MaskOut,
+    ModelRef,
+    PredictionResponse,
+    ScoreOptions,
+    SuppressionLog,
+)
+from app.settings import Settings
+from models.overlay import encode_png, heatmap, png_base64, render_overlay, wrap_wide
+from models.pipeline import Prediction
+from models.postprocess import SuppressionSettings
+from models.preprocessing import ImageDecodeError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str | None
+    data: bytes
+    info: ImageInfo
+
+
+@dataclass
+class Scored:
+    """What a worker hands back for one image."""
+
+    prediction: Prediction
+    mask: MaskOut | None
+    heatmap: HeatmapOut | None
+    overlay: bytes | None
+    sha256: str
+    started: float  # perf_counter when the worker took the job
+    seconds: dict[str, float]  # pipeline stages, encode and inference (worker total)
+
+
+@dataclass(frozen=True)
+class Overlay:
+    png: bytes
+    result: PredictionResponse
+
+
+def _encode_mask(prediction: Prediction, fmt: MaskFormat) -> MaskOut | None:
+    mask = prediction.post.mask
+    height, width = mask.shape
+    if fmt is MaskFormat.png:
+        return MaskOut(format="png", width=width, height=height, png_base64=png_base64(mask))
+    if fmt is MaskFormat.rle:
+        return MaskOut(format="rle", width=width, height=height, counts=rle_counts(mask))
+    return None
+
+
+class Scorer:
+    def __init__(
+        self,
+        model: LoadedModel,
+        pool: InferencePool,
+        inference_log: InferenceLog,
+        metrics: Metrics,
+        settings: Settings,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.log = inference_log
+        self.metrics = metrics
+        self.settings = settings
+        self.model_ref = ModelRef(name=model.name, version=model.version, type=model.type)
+
+    # ---- reading uploads (on the event loop: header only, no decoding) ------------------------
+
+    async def read(self, upload: UploadFile) -> Upload:
+        data = await upload.read()
+        info = probe_image(data, upload.content_type, self.settings.max_pixels)
+        return Upload(upload.filename, data, info)
+
+    def suppression(self, options: ScoreOptions) -> SuppressionSettings:
+        overrides = {
+            "min_region_area": options.min_region_area,
+            "min_region_peak": options.min_region_peak,
+        }
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return self.model.suppression.model_copy(update=given)
+
+    # ---- the worker's part -------------------------------------------------------------------
+
+    def _score(self, upload: Upload, options: ScoreOptions, overlay: bool, wrap: bool) -> Scored:
+        started = time.perf_counter()
+        prediction = self.model.detector.predict(
+            upload.data,
+            threshold=options.threshold,
+            suppression=self.suppression(options),
+            max_pixels=self.settings.max_pixels,
+        )
+        encode_started = time.perf_counter()
+        mask = _encode_mask(prediction, options.mask)
+        heat = None
+        if options.heatmap:
+            height, width = prediction.normalized_map.shape
+            picture_b64 = png_base64(heatmap(prediction.normalized_map))
+            heat = HeatmapOut(width=width, height=height, png_base64=picture_b64)
+        picture = None
+        if overlay:
+            rendered = render_overlay(prediction)
+            picture = encode_png(wrap_wide(rendered) if wrap else rendered)
+        sha256 = hashlib.sha256(upload.data).hexdigest()
+        finished = time.perf_counter()
+        seconds = {k: v for k, v in prediction.timings.items() if k != "total"}
+        seconds["encode"] = finished - encode_started
+        seconds["inference"] = finished - started
+        return Scored(prediction, mask, heat, picture, sha256, started, seconds)
+
+    def _score_many(
+        self, uploads: Sequence[Upload], options: ScoreOptions
+    ) -> list[Scored | ApiError]:
+        results: list[Scored | ApiError] = []
+        for upload in uploads:
+            try:
+                results.append(self._score(upload, options, overlay=False, wrap=False))
+            except ImageDecodeError as exc:
+                results.append(_undecodable(exc))
+        return results
+
+    async def _in_pool(self, job: Callable[[], T], images: int = 1) -> tuple[T, float]:
+        """Run `job` in the pool; returns its result and the perf_counter it was submitted at."""
+        submitted = time.perf_counter()
+        timeout = self.settings.request_timeout_s * images
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        try:
+            return await self.pool.run(job, timeout), submitted
+        except QueueFullError:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            detail = "the inference queue is full; retry later"
+            raise ApiError(503, "busy", detail, retry) from None
+        except InferenceTimeoutError:
+            self.metrics.rejected.labels(reason="timeout").inc()
+            detail = f"no result within {timeout:g} s; the service is busy, retry later"
+            raise ApiError(503, "timeout", detail, retry) from None
+        except ImageDecodeError as exc:
+            raise _undecodable(exc) from None
+
+    # ---- shaping, logging, counting ----------------------------------------------------------
+
+    def _respond(
+        self,
+        request_id: str,
+        upload: Upload,
+        scored: Scored,
+        submitted: float,
+        received: float,
+        route: str,
+        index: int | None = None,
+    ) -> PredictionResponse:
+        prediction = scored.prediction
+        summary = prediction.summary()
+        timings = {"queue": max(scored.started - submitted, 0.0), **scored.seconds}
+        timings["total"] = time.perf_counter() - received
+        result = PredictionResponse(
+            request_id=request_id,
+            model=self.model_ref,
+            image=ImageOut(
+                filename=upload.filename,
+                format=upload.info.format,
+                mode=upload.info.mode,
+                width=summary["image_size"]["width"],
+                height=summary["image_size"]["height"],
+                tiles=summary["tiles"],
+            ),
+            score=summary["score"],
+            raw_score=summary["raw_score"],
+            threshold=summary["threshold"],
+            raw_threshold=summary["raw_threshold"],
+            decision=summary["decision"],
+            is_anomalous=summary["is_anomalous"],
+            regions=summary["regions"],
+            suppression=SuppressionLog.model_validate(summary["suppressed"]),
+            mask=scored.mask,
+            heatmap=scored.heatmap,
+            timings_ms={stage: round(s * 1000.0, 2) for stage, s in timings.items()},
+        )
+        self._record(result, scored, route, index)
+        return result
+
+    def _record(
+        self, result: PredictionResponse, scored: Scored, route: str, index: int | None
+    ) -> None:
+        reasons: list[str] = [region.reason for region in result.suppression.regions]
+        stages = {k: v for k, v in scored.seconds.items() if k != "inference"}
+        stages["total"] = scored.seconds["inference"]
+        self.metrics.observe_prediction(result.is_anomalous, len(result.regions), reasons, stages)
+        entry: dict[str, Any] = {
+            "request_id": result.request_id,
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "route": route,
+            "model": {**self.model_ref.model_dump(), "digest": self.model.digest},
+            "image": {
+                "filename": result.image.filename,
+                "sha256": scored.sha256,
+                "width": result.image.width,
+                "height": result.image.height,
+            },
+            "score": result.score,
+            "raw_score": result.raw_score,
+            "threshold": result.threshold,
+            "decision": result.decision,
+            "regions": [region.model_dump() for region in result.regions],
+            "suppressed": result.suppression.model_dump(),
+            "timings_ms": result.timings_ms,
+        }
+        if index is not None:
+            entry["index"] = index
+        self.log.append(entry)
+
+    # ---- the three ways to ask ---------------------------------------------------------------
+
+    async def predict(
+        self, request_id: str, file: UploadFile, options: ScoreOptions
+    ) -> PredictionResponse:
+        received = time.perf_counter()
+        upload = await self.read(file)
+        scored, submitted = await self._in_pool(
+            lambda: self._score(upload, options, overlay=False, wrap=False)
+        )
+        return self._respond(request_id, upload, scored, submitted, received, "/predict")
+
+    async def overlay(
+        self, request_id: str, file: UploadFile, options: ScoreOptions, wrap: bool
+    ) -> Overlay:
+        received = time.perf_counter()
+        upload = await self.read(file)
+        options = ScoreOptions(options.threshold, options.min_region_area, options.min_region_peak)
+        scored, submitted = await self._in_pool(
+            lambda: self._score(upload, options, overlay=True, wrap=wrap)
+        )
+        result = self._respond(request_id, upload, scored, submitted, received, "/predict/overlay")
+        assert scored.overlay is not None
+        return Overlay(scored.overlay, result)
+
+    async def predict_batch(
+        self, request_id: str, files: Sequence[UploadFile], options: ScoreOptions
+    ) -> BatchResponse:
+        received = time.perf_counter()
+        limit = self.settings.max_batch_files
+        if len(files) > limit:
+            detail = f"{len(files)} files sent; at most {limit} per batch"
+            raise ApiError(422, "too_many_files", detail)
+        items: list[BatchItem | None] = [None] * len(files)
+        accepted: list[tuple[int, Upload]] = []
+        for index, file in enumerate(files):
+            try:
+                accepted.append((index, await self.read(file)))
+            except ApiError as exc:
+                items[index] = _failed_item(index, file.filename, exc, request_id)
+        uploads = [upload for _, upload in accepted]
+        outcomes: list[Scored | ApiError] = []
+        submitted = received
+        if uploads:
+            outcomes, submitted = await self._in_pool(
+                lambda: self._score_many(uploads, options), images=len(uploads)
+            )
+        for (index, upload), outcome in zip(accepted, outcomes, strict=True):
+            if isinstance(outcome, ApiError):
+                items[index] = _failed_item(index, upload.filename, outcome, request_id)
+                continue
+            result = self._respond(
+                request_id, upload, outcome, submitted, received, "/predict/batch", index
+            )
+            items[index] = BatchItem(
+                index=index, filename=upload.filename, status=200, result=result
+            )
+        done = [item for item in items if item is not None]
+        failed = sum(1 for item in done if item.error is not None)
+        return BatchResponse(
+            request_id=request_id, model=self.model_ref, count=len(done), failed=failed, items=done
+        )
+
+
+def _undecodable(exc: ImageDecodeError) -> ApiError:
+    return ApiError(422, "undecodable_image", str(exc).strip().splitlines()[0])
+
+
+def _failed_item(index: int, filename: str | None, exc: ApiError, request_id: str) -> BatchItem:
+    error = ErrorResponse(detail=exc.detail, code=exc.code, request_id=request_id)
+    return BatchItem(index=index, filename=filename, status=exc.status, error=error)

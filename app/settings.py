@@ -1,0 +1,85 @@
+"""Every setting of the HTTP service, in one place.
+
+Read from environment variables (names as below, case-insensitive) and from a `.env` file in the
+working directory; README "Serving" lists them with their defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.postprocess import SuppressionSettings
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", protected_namespaces=()
+    )
+
+    model_uri: str | None = Field(
+        default=None,
+        description="bundle folder or MLflow URI (models:/NAME@ALIAS, models:/NAME/VERSION, "
+        "runs:/RUN_ID/PATH); required",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    inference_threads: int = Field(
+        default=0, ge=0, description="torch threads for inference; 0 leaves torch's default"
+    )
+    inference_workers: int = Field(default=1, ge=1, description="images scored at the same time")
+    max_queue_depth: int = Field(
+        default=8, ge=0, description="requests waiting for a worker before 503 Retry-After"
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="seconds an image may wait and run before 503"
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 503 (busy)")
+
+    max_upload_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1, description="request body limit (all files together)"
+    )
+    max_pixels: int = Field(default=16_777_216, ge=1, description="pixels an image may declare")
+    max_batch_files: int = Field(default=16, ge=1, description="files per /predict/batch")
+
+    min_region_area: int | None = Field(
+        default=None, ge=0, description="default suppression; unset: the bundle's value"
+    )
+    min_region_peak: float | None = Field(default=None, ge=0.0, le=1.0)
+    smoothing_sigma: float | None = Field(default=None, ge=0.0)
+    min_valid_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    inference_log_path: Path | None = Field(
+        default=Path(".loomwatch/inference.jsonl"),
+        description="one JSON line per prediction; empty disables the log",
+    )
+    inference_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    inference_log_backups: int = Field(default=5, ge=0)
+
+    api_key: SecretStr | None = Field(
+        default=None, description="when set, required on every route but /health and /ready"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS; none if empty"
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("model_uri", "api_key", "inference_log_path", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def suppression_overrides(self) -> dict[str, Any]:
+        """The suppression settings given here, to lay over the bundle's defaults."""
+        names = SuppressionSettings.model_fields
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}

@@ -1,0 +1,295 @@
+"""MLflow tracking, registry, model URIs, pyfunc and promotion against real stores, no mocks.
+
+``conftest.py`` points every test at a SQLite store in a temporary folder; the last test starts
+a real ``mlflow server`` on a loopback port and trains and registers through HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.entities import Run
+
+from training.cli import main
+from training.config import load_config
+from training.data import fingerprint, load_dataset
+from training.model_uri import ModelUriError, pin_model_uri, resolve_model_uri
+from training.tracking import TAG, artifact_location, tracking_uri, training_run, use_tracking_store
+from training.train import train
+
+from .test_cli import TINY_SET
+
+NAME = "fabric-test"
+FAST = [*TINY_SET, "--set", "model.batchnorm_tiles=8"]  # batch-norm statistics from one batch
+# Clearly worse than TINY_SET: a memory bank of a few patches, one neighbour, little smoothing;
+# another seed, so its validation split (and fingerprint) differs too.
+WORSE = [
+    "--set", "model.coreset_ratio=0.0005", "--set", "model.num_neighbors=1",
+    "--set", "model.smoothing_sigma=0.5", "--seed", "1",
+]  # fmt: skip
+
+
+def train_cli(data: Path, out: Path, *extra: str) -> int:
+    args = ["--quiet", "train", "--model", "patchcore", "--data", str(data), *FAST]
+    return main([*args, "--out", str(out), "--max-minutes", "2", *extra])
+
+
+def client() -> mlflow.MlflowClient:
+    use_tracking_store()
+    return mlflow.MlflowClient()
+
+
+def run_named(name: str) -> Run:
+    experiment = client().get_experiment_by_name("loomwatch")
+    assert experiment is not None
+    runs = client().search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'"
+    )
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def aliases(name: str) -> dict[str, str]:
+    """Alias -> version as text (the SQLite store gives numbers, a server gives strings)."""
+    return {alias: str(v) for alias, v in client().get_registered_model(name).aliases.items()}
+
+
+def version_tags(name: str, version: str) -> dict[str, str]:
+    tags: dict[str, str] = client().get_model_version(name, version).tags
+    return tags
+
+
+def artifact_paths(run_id: str, path: str = "") -> set[str]:
+    found: set[str] = set()
+    for item in client().list_artifacts(run_id, path):
+        found |= artifact_paths(run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def images(data: Path) -> list[bytes]:
+    defect = sorted((data / "Defect_images").glob("*.png"))[0]
+    normal = sorted((data / "NoDefect_images").rglob("*.png"))[0]
+    return [defect.read_bytes(), normal.read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def good(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    out = tmp_path_factory.mktemp("good") / "good-model"
+    assert train_cli(synth_data, out, "--register", NAME, "--alias", "champion") == 0
+    return run_named("good-model")
+
+
+def test_train_logs_params_metrics_tags_and_artifacts(good: Run, synth_data: Path) -> None:
+    assert good.info.status == "FINISHED"
+    params = good.data.params
+    assert params["model.backbone"] == "resnet18" and params["pipeline.tile_size"] == "64"
+    assert params["train.model_type"] == "patchcore" and params["train.seed"] == "0"
+    assert params["calibration.image_percentile"] == "99.0"  # defaults are logged too
+    metrics = good.data.metrics
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and "pixel_auroc" in metrics
+    history = client().get_metric_history(good.info.run_id, "fit/epoch_seconds")
+    assert [m.step for m in history] == [0]  # PatchCore reports one fitting stage
+    tags = good.data.tags
+    dataset = load_dataset(synth_data)
+    assert tags[f"{TAG}data_fingerprint"] == fingerprint(dataset.samples, dataset.root)
+    assert tags[f"{TAG}model_type"] == "patchcore" and tags[f"{TAG}fabric"] == "all"
+    assert tags[f"{TAG}version.torch"] and tags[f"{TAG}version.mlflow"] == mlflow.__version__
+    paths = artifact_paths(good.info.run_id)
+    expected = {"evaluation/report.html", "evaluation/roc.png", "evaluation/metrics.json",
+                "config/resolved.yaml", "bundle/manifest.json",
+                "bundle/weights.safetensors"}  # fmt: skip
+    assert expected <= paths, sorted(paths)
+    json_path = mlflow.artifacts.download_artifacts(
+        run_id=good.info.run_id, artifact_path="evaluation/metrics.json"
+    )
+    logged = json.loads(Path(json_path).read_text())
+    assert logged["model_uri"] == f"runs:/{good.info.run_id}/model"
+    assert math.isclose(logged["image_auroc"], metrics["image_auroc"])
+
+
+def test_registered_version_has_alias_and_pyfunc_scores_images(good: Run, synth_data: Path) -> None:
+    assert aliases(NAME) == {"champion": "1"}
+    version = client().get_model_version(NAME, "1")
+    assert version.run_id == good.info.run_id
+    assert (
+        version.tags[f"{TAG}validation_fingerprint"]
+        == good.data.tags[f"{TAG}validation_fingerprint"]
+    )
+
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    signature = model.metadata.signature
+    assert signature is not None and signature.inputs.input_names() == ["image"]
+    result = model.predict(pd.DataFrame({"image": images(synth_data)}))
+    assert list(result["decision"].unique()) != [] and len(result) == 2
+    assert result["score"].between(0.0, 1.0).all() and result["raw_score"].notna().all()
+    assert set(result["decision"]) <= {"anomalous", "normal"}
+    assert result["score"].iloc[0] >= result["score"].iloc[1]  # the defect scores higher
+    # The same column as base64 text (how JSON clients send it) and the threshold parameter.
+    encoded = [base64.b64encode(data).decode() for data in images(synth_data)]
+    strict = model.predict(pd.DataFrame({"image": encoded}), params={"threshold": 0.99})
+    assert (strict["threshold"] == 0.99).all()
+    assert strict["score"].tolist() == pytest.approx(result["score"].tolist())
+
+
+def test_model_uris_resolve_through_mlflow_and_are_cached(
+    good: Run, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_id = good.info.run_id
+    local = Path(good.data.tags[f"{TAG}bundle"])
+    expected = (local / "manifest.json").read_text()
+    uris = [f"models:/{NAME}@champion", f"models:/{NAME}/1", f"models:/{NAME}/latest",
+            f"runs:/{run_id}/model", f"runs:/{run_id}/bundle", str(local)]  # fmt: skip
+    folders = [resolve_model_uri(uri) for uri in uris]
+    for uri, folder in zip(uris, folders, strict=True):
+        assert (folder / "manifest.json").read_text() == expected, uri
+    assert folders[0] == folders[1] == folders[2]  # the alias is pinned to its version
+    assert pin_model_uri(f"models:/{NAME}@champion") == f"models:/{NAME}/1"
+    stamp = (folders[0] / "weights.safetensors").stat().st_mtime_ns
+    assert resolve_model_uri(f"models:/{NAME}@champion") == folders[0]
+    assert (folders[0] / "weights.safetensors").stat().st_mtime_ns == stamp  # not downloaded again
+
+    # The commands take these URIs: the model's own validation split, found by fingerprint.
+    report = tmp_path / "metrics.json"
+    args = ["--quiet", "evaluate", "--model-uri", f"models:/{NAME}@champion"]
+    assert main([*args, "--data", str(synth_data), "--json", str(report)]) == 0
+    assert math.isclose(
+        json.loads(report.read_text())["image_auroc"], good.data.metrics["image_auroc"]
+    )
+    image = sorted((synth_data / "Defect_images").glob("*.png"))[0]
+    out = tmp_path / "predictions"
+    assert (
+        main(["predict", "--model-uri", f"runs:/{run_id}/model", str(image), "--out", str(out)])
+        == 0
+    )
+    assert (out / f"{image.stem}.json").exists()
+    capsys.readouterr()
+    unknown = {f"models:/{NAME}@nope": "nope", "models:/missing-model/1": "missing-model",
+               "runs:/0123456789abcdef/model": "0123456789abcdef"}  # fmt: skip
+    for bad, needle in unknown.items():
+        with pytest.raises(ModelUriError, match=needle):
+            resolve_model_uri(bad)
+        assert main(["predict", "--model-uri", bad, str(image)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("loomwatch: error:") and len(err.splitlines()) == 1, err
+
+
+def test_promote_moves_champion_only_on_a_better_figure(
+    good: Run, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "fabric-promote"
+    register = ["--register", name, "--alias", "champion"]
+    assert train_cli(synth_data, tmp_path / "worse-model", *WORSE, *register) == 0
+    worse = run_named("worse-model")
+    assert worse.data.metrics["image_auroc"] < good.data.metrics["image_auroc"] - 0.05
+    capsys.readouterr()
+
+    def promote(*extra: str) -> str:
+        assert main(["--quiet", "promote", name, "--metric", "image_auroc", *extra]) == 0
+        return capsys.readouterr().out.strip()
+
+    def champion() -> str:
+        return aliases(name)["champion"]
+
+    mlflow.register_model(f"runs:/{good.info.run_id}/model", name)  # version 2, the better one
+    # Logged figures come from different validation splits (other seed): not comparable.
+    assert "different data" in promote() and champion() == "1"
+    # Evaluated on the same folder, version 2 wins; both figures become version tags.
+    message = promote("--data", str(synth_data))
+    assert message.startswith("promoted version 2") and champion() == "2", message
+    tags = version_tags(name, "2")
+    assert tags[f"{TAG}promotion.previous_version"] == "1"
+    assert float(tags[f"{TAG}promotion.value"]) > float(tags[f"{TAG}promotion.previous_value"])
+    dataset = load_dataset(synth_data)
+    assert tags[f"{TAG}promotion.data_fingerprint"] == fingerprint(dataset.samples, dataset.root)
+    assert promote().startswith("not promoted: version 2 is already champion")
+
+    mlflow.register_model(f"runs:/{good.info.run_id}/model", name)  # version 3: the same figure
+    message = promote()  # same validation split as version 2: comparable, but not better
+    assert message.startswith("not promoted: version 3") and "not above" in message, message
+    assert champion() == "2" and f"{TAG}promotion.value" not in version_tags(name, "3")
+
+
+def test_a_failing_run_ends_failed_and_registers_nothing(
+    synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "only-defects"
+    (data / "anomalous").mkdir(parents=True)
+    for path in sorted((synth_data / "Defect_images").glob("*.png"))[:2]:
+        (data / "anomalous" / path.name).write_bytes(path.read_bytes())
+    assert train_cli(data, tmp_path / "failing-model", "--register", "fabric-fail") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loomwatch: error:") and "no defect-free images" in err, err
+    run = run_named("failing-model")
+    assert run.info.status == "FAILED" and run.data.tags[f"{TAG}model_type"] == "patchcore"
+    assert client().search_registered_models("name = 'fabric-fail'") == []
+    assert not (tmp_path / "failing-model").exists()
+
+
+def test_an_interrupted_run_ends_killed(synth_data: Path, tmp_path: Path) -> None:
+    config, _ = load_config("patchcore", None, FAST[1::2])
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C would, from inside training
+
+    with pytest.raises(KeyboardInterrupt), training_run("interrupted-model", {}) as run:
+        train(
+            "patchcore", synth_data, config, out=tmp_path / "b", progress=False, on_split=interrupt
+        )
+        run.register("fabric-interrupted", "champion")  # never reached
+    assert client().get_run(run.run_id).info.status == "KILLED"
+    assert client().search_registered_models("name = 'fabric-interrupted'") == []
+    # SIGTERM (docker stop, a cancelled CI job) ends a run the same way.
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), training_run("terminated-model", {}) as run:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert client().get_run(run.run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back
+
+
+def test_mlflow_problems_are_one_line_errors(
+    synth_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def fails(argv: list[str], needle: str) -> None:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("loomwatch: error:") and len(err.splitlines()) == 1, err
+        assert needle in err, err
+
+    out = str(tmp_path / "never")
+    fails(
+        ["train", "--model", "patchcore", "--data", str(synth_data), "--alias", "x"], "--register"
+    )
+    fails(["train", "--model", "patchcore", "--data", str(synth_data), "--out", out,
+           "--register", "a/b"], "--register")  # fmt: skip
+    fails(["promote", "no-such-model", "--metric", "image_auroc"], "no-such-model")
+    fails(["promote", NAME, "--metric", "loss"], "--metric")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    fails(["train", "--model", "patchcore", "--data", str(synth_data), "--out", out], "unreachable")
+    fails(["predict", "--model-uri", f"models:/{NAME}@champion", out], "unreachable")
+    assert not Path(out).exists()
+
+
+def test_default_store_is_sqlite_in_the_project_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri() == f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
+    assert (
+        artifact_location(tracking_uri(), "loomwatch")
+        == (tmp_path / "mlruns" / "loomwatch").as_uri()
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking_uri() == "http://tracking.example:5000"
+    assert artifact_location(tracking_uri(), "loomwatch") is None  # the server decides

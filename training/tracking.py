@@ -1,0 +1,398 @@
+"""MLflow tracking: where the store is, what a training run logs, and how its model is registered.
+
+By default the store is embedded and needs no server: a SQLite database ``mlflow.db`` and an
+artifact folder ``mlruns/`` in the current (project) directory, MLflow's own default names, so
+``mlflow ui`` started in the same directory shows every run. ``MLFLOW_TRACKING_URI`` (and the
+other ``MLFLOW_*`` variables, e.g. ``MLFLOW_REGISTRY_URI``, ``MLFLOW_EXPERIMENT_NAME``,
+``MLFLOW_TRACKING_TOKEN``) point the same commands at a tracking server instead.
+
+A training run ends FINISHED only when the bundle, the logged model and (if asked) the registered
+version all exist; an exception ends it FAILED, Ctrl-C or SIGTERM ends it KILLED, and in both
+cases nothing is registered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import signal
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow.entities import RunStatus
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models.model import ModelInfo
+
+from models.base import EpochLog
+from models.overlay import encode_png
+from training import pyfunc
+from training.config import TrainConfig
+from training.data import Dataset, Split, fingerprint, load_image
+from training.model_uri import TrackingError
+
+if TYPE_CHECKING:
+    from training.train import TrainResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_EXPERIMENT = "loomwatch"
+MODEL_NAME_IN_RUN = "model"  # the logged model: runs:/<run id>/model
+BUNDLE_IN_RUN = "bundle"  # the bundle again, as plain run artifacts: runs:/<run id>/bundle
+TAG = "loomwatch."  # prefix of our run and model-version tags
+VERSION_TAGS = ("model_type", "fabric", "data_fingerprint", "validation_fingerprint", "git_commit")
+
+
+# ---- the store ---------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    """The tracking store to use: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    With a SQLite store, artifacts go beside the database (see :func:`artifact_location`).
+    """
+    configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if configured:
+        return configured
+    return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
+
+
+def use_tracking_store(*, progress: bool = False) -> str:
+    """Point MLflow at :func:`tracking_uri`, fail fast when a server is unreachable, return it."""
+    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not progress:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer fails in seconds, not after MLflow's retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered; MLflow reports any real problem itself
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it or change "
+            "MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def mlflow_message(exc: MlflowException) -> str:
+    """The first line of an MLflow error's message."""
+    text = str(exc.message).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def mlflow_errors(doing: str) -> Iterator[None]:
+    """Turn MLflow's exceptions into one-line :class:`TrackingError` s."""
+    try:
+        yield
+    except MlflowException as exc:
+        raise TrackingError(f"{doing}: {mlflow_message(exc)}") from None
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """With a SQLite store, artifacts live beside the database: ``<db folder>/mlruns/<name>``.
+
+    (MLflow would otherwise put them under the current directory, wherever that is.) Other
+    stores decide for themselves: a server uses its ``--artifacts-destination``.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(unquote(uri.removeprefix("sqlite:///")))
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (database.parent / "mlruns" / folder).resolve().as_uri()
+
+
+def experiment_id(name: str | None = None) -> str:
+    """The experiment runs go to (``MLFLOW_EXPERIMENT_NAME`` or "loomwatch"), made if missing."""
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    with mlflow_errors(f"MLflow experiment '{name}'"):
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            location = artifact_location(mlflow.get_tracking_uri(), name)
+            return mlflow.create_experiment(name, artifact_location=location)
+        if experiment.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow experiment '{name}' is deleted; restore it or rename it")
+        return str(experiment.experiment_id)
+
+
+# ---- what a run logs ---------------------------------------------------------------------------
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"model.backbone": "resnet18", ...}; non-strings as JSON."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+def finite_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The entries that are finite numbers (MLflow metrics), NaN and None left out."""
+    metrics: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            continue
+        if math.isfinite(float(value)):
+            metrics[f"{prefix}{key}"] = float(value)
+    return metrics
+
+
+def git_commit(start: Path | None = None) -> str | None:
+    """The commit checked out where Loomwatch's code lives (read from .git, no git binary)."""
+    here = (start or Path(__file__)).resolve()
+    for folder in (here, *here.parents):
+        dot_git = folder / ".git"
+        if dot_git.is_file():  # a worktree or submodule: "gitdir: <path>"
+            text = dot_git.read_text().strip()
+            dot_git = (folder / text.removeprefix("gitdir:").strip()).resolve()
+        if dot_git.is_dir():
+            return _read_head(dot_git)
+    return None
+
+
+def _read_head(git_dir: Path) -> str | None:
+    try:
+        head = (git_dir / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head or None
+        ref = head.removeprefix("ref:").strip()
+        common = git_dir
+        if (git_dir / "commondir").is_file():
+            common = (git_dir / (git_dir / "commondir").read_text().strip()).resolve()
+        for base in (git_dir, common):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()
+        packed = common / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                sha, _, name = line.partition(" ")
+                if name == ref:
+                    return sha
+    except OSError:
+        return None
+    return None  # a branch with no commit yet
+
+
+def run_tags(model_type: str, fabric: str | None, data: Path) -> dict[str, str]:
+    from models.bundle import library_versions
+
+    tags = {f"{TAG}model_type": model_type, f"{TAG}fabric": fabric or "all"}
+    tags[f"{TAG}data"] = str(data)
+    commit = git_commit()
+    if commit:
+        tags[f"{TAG}git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    versions = {**library_versions(), "mlflow": mlflow.__version__}
+    tags.update({f"{TAG}version.{name}": value for name, value in versions.items()})
+    return tags
+
+
+def input_example(split: Split, tile_size: int) -> pd.DataFrame:
+    """A small real image (a crop of a validation image, two tiles wide) for the logged model."""
+    samples = sorted(split.validation, key=lambda s: s.label) or list(split.train)
+    image = load_image(samples[0])
+    crop = image[:, : min(image.shape[1], 2 * tile_size)]
+    return pd.DataFrame({pyfunc.IMAGE_COLUMN: [encode_png(np.ascontiguousarray(crop))]})
+
+
+class TrainingRun:
+    """The MLflow run of one ``loomwatch train``: hands callbacks to training, logs its result."""
+
+    def __init__(self, run_id: str, store: str) -> None:
+        self.run_id = run_id
+        self.store = store
+        self.client = mlflow.MlflowClient()
+        self._epoch_logging_failed = False
+        self.model_info: ModelInfo | None = None
+        self.version: ModelVersion | None = None
+
+    @property
+    def model_uri(self) -> str:
+        """``models:/NAME/VERSION`` when registered, else ``runs:/<run id>/model``."""
+        if self.version is not None:
+            return f"models:/{self.version.name}/{self.version.version}"
+        return f"runs:/{self.run_id}/{MODEL_NAME_IN_RUN}"
+
+    def log_params(self, config: TrainConfig, extra: Mapping[str, Any]) -> None:
+        params = flatten(config.model_dump(mode="json"))
+        params.update(flatten(extra, "train."))
+        mlflow.log_params(params)
+
+    def on_epoch(self, entry: EpochLog) -> None:
+        """The models' fit callback: per-epoch figures as ``fit/<name>`` at step = epoch.
+
+        A tracking hiccup here must not lose hours of training: it is logged once and skipped;
+        the final logging reports any lasting problem.
+        """
+        metrics = finite_metrics(entry.metrics, "fit/")
+        metrics["fit/epoch_seconds"] = float(entry.seconds)
+        try:
+            mlflow.log_metrics(metrics, step=entry.epoch)
+        except MlflowException as exc:
+            if not self._epoch_logging_failed:
+                log.warning("could not log epoch metrics to MLflow: %s", mlflow_message(exc))
+            self._epoch_logging_failed = True
+
+    def on_split(self, dataset: Dataset, split: Split) -> None:
+        """Tag the data as soon as it is known, so even a failed run says what it trained on."""
+        mlflow.set_tags(
+            {
+                f"{TAG}data_fingerprint": fingerprint(dataset.samples, dataset.root),
+                f"{TAG}validation_fingerprint": fingerprint(split.validation, dataset.root),
+                f"{TAG}data_layout": dataset.layout,
+            }
+        )
+        mlflow.log_params(
+            {"data.train_images": len(split.train), "data.validation_images": len(split.validation)}
+        )
+
+    def log_result(
+        self,
+        result: TrainResult,
+        config: TrainConfig,
+        config_file: Path | None,
+        description: str,
+    ) -> ModelInfo:
+        """Validation metrics, report, config, bundle and the pyfunc model, in that order."""
+        from training.evaluate import evaluation_summary, write_outputs
+
+        metrics = finite_metrics(result.evaluation.metrics)
+        fit_summary = result.manifest.training.get("fit_summary", {})
+        metrics.update(finite_metrics(fit_summary, "fit_summary/"))
+        metrics.update(finite_metrics(result.seconds, "seconds/"))
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag(f"{TAG}bundle", str(result.bundle.resolve()))
+        with tempfile.TemporaryDirectory(prefix="loomwatch-run-") as tmp:
+            folder = Path(tmp)
+            summary = evaluation_summary(result.detector, result.evaluation, self.model_uri)
+            write_outputs(
+                result.detector,
+                result.evaluation,
+                summary,
+                json_path=folder / "evaluation" / "metrics.json",
+                report_dir=folder / "evaluation",
+                data=description,
+            )
+            mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
+            resolved = folder / "config"
+            resolved.mkdir()
+            (resolved / "resolved.yaml").write_text(
+                yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+            )
+            if config_file is not None:
+                (resolved / f"given-{config_file.name}").write_bytes(config_file.read_bytes())
+            mlflow.log_artifacts(str(resolved), "config")
+        mlflow.log_artifacts(str(result.bundle), BUNDLE_IN_RUN)
+        self.model_info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(Path(pyfunc.__file__).with_name("mlflow_model.py")),
+            artifacts={pyfunc.BUNDLE_ARTIFACT: str(result.bundle)},
+            signature=pyfunc.SIGNATURE,
+            input_example=input_example(result.split, result.manifest.pipeline.tile_size),
+            pip_requirements=pyfunc.pip_requirements(),
+        )
+        return self.model_info
+
+    def register(self, name: str, alias: str | None) -> ModelVersion:
+        """A new version of `name` from this run's logged model, then the alias; all or nothing."""
+        if self.model_info is None:
+            raise TrackingError("nothing to register: the model was not logged")
+        run = self.client.get_run(self.run_id)
+        tags = {
+            f"{TAG}{key}": run.data.tags[f"{TAG}{key}"]
+            for key in VERSION_TAGS
+            if f"{TAG}{key}" in run.data.tags
+        }
+        version = mlflow.register_model(self.model_info.model_uri, name, tags=tags)
+        try:
+            if alias:
+                self.client.set_registered_model_alias(name, alias, version.version)
+        except BaseException:
+            self._forget(version)
+            raise
+        self.version = version
+        return version
+
+    def _forget(self, version: ModelVersion) -> None:
+        try:
+            self.client.delete_model_version(version.name, version.version)
+        except MlflowException as exc:  # pragma: no cover - the store just failed us once
+            log.warning("could not remove half-registered version: %s", mlflow_message(exc))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, a CI cancel) while a run is open: ends it KILLED like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+@contextmanager
+def training_run(
+    run_name: str, tags: Mapping[str, str], *, progress: bool = False
+) -> Iterator[TrainingRun]:
+    """Open a run; end it FINISHED, FAILED (exception) or KILLED (Ctrl-C, SIGTERM, timeout)."""
+    store = use_tracking_store(progress=progress)
+    experiment = experiment_id()
+    with mlflow_errors("MLflow run"):
+        run = mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=dict(tags))
+    previous = _handle_sigterm()
+    status = RunStatus.FAILED
+    try:
+        yield TrainingRun(run.info.run_id, store)
+        status = RunStatus.FINISHED
+    except (KeyboardInterrupt, TimeoutError):
+        status = RunStatus.KILLED
+        raise
+    except MlflowException as exc:  # e.g. the server went away while the run was open
+        raise TrackingError(f"MLflow run {run.info.run_id}: {mlflow_message(exc)}") from None
+    finally:
+        _restore_sigterm(previous)
+        try:
+            mlflow.end_run(RunStatus.to_string(status))
+        except MlflowException as exc:
+            log.warning("could not close MLflow run %s: %s", run.info.run_id, mlflow_message(exc))
+
+
+def _handle_sigterm() -> Any:
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
