@@ -83,6 +83,8 @@ class AnomalyModel(nn.Module, ABC):
 
     model_type: ClassVar[str]
     config_class: ClassVar[type[ModelConfig]]
+    # True for models that train in epochs and keep the state FitContext.validate scores best.
+    selects_best_state: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, load_weights: bool = True) -> None:
         """`load_weights=False` skips fetching external (pretrained) weights: a bundle follows."""

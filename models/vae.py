@@ -250,6 +250,7 @@ class VAE(AnomalyModel):
     model_type = "vae"
     config_class = VAEConfig
     config: VAEConfig
+    selects_best_state = True
 
     def __init__(self, config: VAEConfig, load_weights: bool = True) -> None:
         super().__init__(config, load_weights)  # no external weights to load

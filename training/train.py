@@ -162,7 +162,7 @@ def train(
         progress=progress,
         seed=seed,
         batch_size=pipeline.batch_size,
-        validate=validation_scorer(split, config, seed),
+        validate=validation_scorer(split, config, seed) if cls.selects_best_state else None,
     )
     fit_started = time.monotonic()
     fit_summary = model.fit(tiles, context)
