@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from models.base import AnomalyModel
+from models.draem import Draem
 from models.patchcore import PatchCore
 from models.vae import VAE
 
-MODEL_TYPES: dict[str, type[AnomalyModel]] = {PatchCore.model_type: PatchCore, VAE.model_type: VAE}
+MODEL_TYPES: dict[str, type[AnomalyModel]] = {
+    Draem.model_type: Draem,
+    PatchCore.model_type: PatchCore,
+    VAE.model_type: VAE,
+}
 
 
 class UnknownModelError(ValueError):

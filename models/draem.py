@@ -1,0 +1,383 @@
+"""DRAEM (Zavrtanik, Kristan & Skočaj, "DRAEM - A discriminatively trained reconstruction
+embedding for surface anomaly detection", ICCV 2021): a reconstructive network learns to turn a
+tile with a synthetic defect back into defect-free fabric, and a discriminative U-Net, shown the
+input beside its reconstruction, learns to segment where the two differ for a reason.
+
+Read top to bottom: the networks, the loss, fitting (with synthesis), scoring.
+
+Choices, and why:
+
+- Networks as in the paper, sized by ``recon_channels`` and ``disc_channels`` (paper 128 / 64;
+  default 32 / 16 for a CPU, not yet tuned by measurement). Reconstructive: an encoder of
+  ``recon_depth`` max-pool levels (channels doubling up to 8x the base) and a decoder without
+  skip connections, so it cannot copy a defect through. Discriminative: a U-Net with skips on
+  concat(input, reconstruction), two output classes (fabric, anomaly). GroupNorm instead of the
+  paper's BatchNorm: no batch statistics, so fitting and scoring compute the same function.
+  Tiles whose size is not a multiple of the coarsest level are padded and cropped back.
+- Input: ``input_norm: tile`` standardises each tile by its fabric median and MAD (see
+  models/vae.py: the fabric is low contrast and its brightness drifts); padding is set to the
+  fabric median. The clean target is normalised with the augmented tile's statistics.
+- Loss: L2 + ``ssim_weight`` * (1 - mean SSIM) on the reconstruction (against the clean tile),
+  plus focal loss (``focal_gamma``, 2 in the paper) on the segmentation, over fabric pixels.
+- Synthesis: models/synthesis.py (Perlin + texture, and textile-shaped defects), mixed by the
+  ``synthesis`` config; half the samples stay clean by default, as in the paper.
+- Fitting as the VAE: epochs under ``context.deadline``, Adam, learning rate multiplied by
+  ``lr_gamma`` at each fraction of ``max_epochs`` in ``lr_steps``; the best state is the one
+  ``context.validate`` scores highest, else the lowest mean training loss.
+- Map: the softmax anomaly channel, optionally smoothed over fabric (``smoothing_sigma``), 0 off
+  fabric. Score (the paper): the maximum over fabric of the map averaged over ``score_pool`` x
+  ``score_pool`` windows (averaging over fabric pixels only); 0 without fabric.
+
+Paper preset (training/configs/draem-paper.yaml; for a GPU): 256 px tiles, batch 8, Adam with
+lr 1e-4, 700 epochs, lr x 0.2 at 80 % and 90 % of the epochs, widths 128 / 64.
+CPU preset: training/configs/draem-cpu.yaml.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.base import AnomalyModel, EpochLog, FitContext, ModelConfig, ModelOutput, TileData
+from models.synthesis import SynthesisConfig, SynthesisMix
+from models.vae import BestState, Normalised, normalise, smooth_on_fabric, ssim_map
+
+log = logging.getLogger(__name__)
+
+
+class DraemConfig(ModelConfig):
+    # networks
+    recon_channels: int = Field(default=32, ge=1, description="paper: 128")
+    disc_channels: int = Field(default=16, ge=1, description="paper: 64")
+    recon_depth: int = Field(default=4, ge=1, le=6, description="max-pool levels (paper: 4)")
+    disc_depth: int = Field(default=4, ge=1, le=6, description="max-pool levels (paper: 5)")
+    input_norm: Literal["tile", "none"] = "tile"
+    # loss and fitting
+    ssim_weight: float = Field(default=1.0, ge=0.0)
+    ssim_sigma: float = Field(default=1.5, gt=0.0, le=8.0)
+    focal_gamma: float = Field(default=2.0, ge=0.0)
+    lr: float = Field(default=1e-3, gt=0.0)
+    max_epochs: int = Field(default=100, ge=1)
+    lr_steps: list[float] = Field(default_factory=lambda: [0.8, 0.9])
+    lr_gamma: float = Field(default=0.2, gt=0.0)
+    texture_tiles: int = Field(default=64, ge=0, description="training tiles kept as textures")
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    # scoring
+    smoothing_sigma: float = Field(default=0.0, ge=0.0)
+    score_pool: int = Field(default=21, ge=1, description="averaging window of the image score")
+
+
+# ---- networks ---------------------------------------------------------------------------------
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), _norm(c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, kernel_size=3, padding=1), _norm(c_out), nn.ReLU(inplace=True),
+    )  # fmt: skip
+
+
+def up_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+        _norm(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+def level_channels(base: int, depth: int) -> list[int]:
+    """Channels at each level, finest first: doubling, at most 8x the base."""
+    return [base * min(2**level, 8) for level in range(depth + 1)]
+
+
+class Encoder(nn.Module):
+    """Conv blocks with max pooling between them; returns every level's features."""
+
+    def __init__(self, c_in: int, base: int, depth: int) -> None:
+        super().__init__()
+        channels = level_channels(base, depth)
+        self.blocks = nn.ModuleList(
+            conv_block(a, b) for a, b in zip([c_in, *channels[:-1]], channels, strict=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for level, block in enumerate(self.blocks):
+            x = block(x if level == 0 else F.max_pool2d(x, 2))
+            features.append(x)
+        return features
+
+
+class ReconstructiveNet(nn.Module):
+    """Encoder-decoder without skips: a tile back as defect-free fabric."""
+
+    def __init__(self, base: int, depth: int) -> None:
+        super().__init__()
+        channels = level_channels(base, depth)[::-1]
+        self.encoder = Encoder(1, base, depth)
+        self.ups = nn.ModuleList(up_block(a, b) for a, b in itertools.pairwise(channels))
+        self.blocks = nn.ModuleList(conv_block(b, b) for b in channels[1:])
+        self.head = nn.Conv2d(channels[-1], 1, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.encoder(x)[-1]
+        for up, block in zip(self.ups, self.blocks, strict=True):
+            y = block(up(y))
+        result: torch.Tensor = self.head(y)
+        return result
+
+
+class DiscriminativeNet(nn.Module):
+    """U-Net on concat(input, reconstruction) -> logits [B,2,H,W] (fabric, anomaly)."""
+
+    def __init__(self, base: int, depth: int) -> None:
+        super().__init__()
+        channels = level_channels(base, depth)[::-1]
+        self.encoder = Encoder(2, base, depth)
+        self.ups = nn.ModuleList(up_block(a, b) for a, b in itertools.pairwise(channels))
+        self.blocks = nn.ModuleList(conv_block(2 * b, b) for b in channels[1:])
+        self.head = nn.Conv2d(channels[-1], 2, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)
+        y = features[-1]
+        for up, block, skip in zip(self.ups, self.blocks, features[-2::-1], strict=True):
+            y = block(torch.cat([up(y), skip], dim=1))
+        result: torch.Tensor = self.head(y)
+        return result
+
+
+# ---- loss -------------------------------------------------------------------------------------
+def focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Focal loss (Lin et al., 2017) of 2-class logits [B,2,H,W] against a {0,1} [B,1,H,W] mask.
+
+    Per pixel -(1 - p_t)**gamma * log(p_t), p_t the probability of the true class; the mean over
+    pixels with weight 1 (all without a weight). gamma 0 is the cross-entropy.
+    """
+    log_p = F.log_softmax(logits, dim=1)
+    log_pt = torch.where(target > 0.5, log_p[:, 1:2], log_p[:, 0:1])
+    loss = -((1.0 - log_pt.exp()) ** gamma) * log_pt
+    if weight is None:
+        return loss.mean()
+    return (loss * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+# ---- the model --------------------------------------------------------------------------------
+@dataclass
+class EpochTotals:
+    loss: float = 0.0
+    l2: float = 0.0
+    ssim: float = 0.0
+    focal: float = 0.0
+    batches: int = 0
+    finished: bool = False
+
+    def add(self, parts: dict[str, float]) -> None:
+        self.loss += parts["loss"]
+        self.l2 += parts["l2"]
+        self.ssim += parts["ssim"]
+        self.focal += parts["focal"]
+        self.batches += 1
+
+    def metrics(self, lr: float) -> dict[str, float]:
+        count = max(self.batches, 1)
+        return {"loss": self.loss / count, "l2": self.l2 / count, "ssim_loss": self.ssim / count,
+                "focal": self.focal / count, "lr": lr}  # fmt: skip
+
+
+class Draem(AnomalyModel):
+    model_type = "draem"
+    config_class = DraemConfig
+    config: DraemConfig
+    selects_best_state = True
+
+    def __init__(self, config: DraemConfig, load_weights: bool = True) -> None:
+        super().__init__(config, load_weights)  # no external weights to load
+        self.reconstructive = ReconstructiveNet(config.recon_channels, config.recon_depth)
+        self.discriminative = DiscriminativeNet(config.disc_channels, config.disc_depth)
+        self.to(memory_format=torch.channels_last)
+
+    # ---- passes -----------------------------------------------------------------------------
+    def _normalise(self, tiles: torch.Tensor, valid: torch.Tensor | None) -> Normalised:
+        return normalise(tiles, valid, self.config.input_norm == "tile")
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        multiple = 2 ** max(self.config.recon_depth, self.config.disc_depth)
+        pad_y, pad_x = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+        return F.pad(x, (0, pad_x, 0, pad_y), mode="replicate") if pad_y or pad_x else x
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised tiles [B,1,H,W] -> reconstruction [B,1,H,W] and logits [B,2,H,W]."""
+        padded = self._pad(x).contiguous(memory_format=torch.channels_last)
+        x_hat = self.reconstructive(padded)
+        logits = self.discriminative(torch.cat([padded, x_hat], dim=1))
+        height, width = x.shape[-2:]
+        return x_hat[..., :height, :width], logits[..., :height, :width]
+
+    @torch.inference_mode()
+    def reconstruct(self, tiles: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        normalised = self._normalise(tiles, valid)
+        x_hat, _ = self._forward(normalised.x)
+        return normalised.to_input_space(x_hat).clamp(0.0, 1.0)
+
+    # ---- fitting ----------------------------------------------------------------------------
+    def synthesise(
+        self, tiles: torch.Tensor, valid: torch.Tensor, mix: SynthesisMix, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch [B,1,H,W] -> augmented tiles and float anomaly masks, same shape."""
+        pairs = [
+            mix(tile[0].numpy(), mask[0].numpy(), rng)
+            for tile, mask in zip(tiles, valid, strict=True)
+        ]
+        augmented = torch.from_numpy(np.stack([a for a, _ in pairs]))[:, None]
+        masks = torch.from_numpy(np.stack([m for _, m in pairs]).astype(np.float32))[:, None]
+        return augmented.to(tiles.dtype), masks
+
+    def loss(
+        self, clean: torch.Tensor, augmented: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total training loss on one synthesised batch, and its parts."""
+        normalised = self._normalise(augmented, valid)
+        target = torch.where(valid, clean, normalised.centre)
+        target = (target - normalised.centre) / normalised.spread
+        x_hat, logits = self._forward(normalised.x)
+        weight = normalised.weight
+        l2 = masked_mean((x_hat - target) ** 2, weight)
+        ssim = 1.0 - masked_mean(ssim_map(target, x_hat, self.config.ssim_sigma), weight)
+        focal = focal_loss(logits, mask, self.config.focal_gamma, weight)
+        total = l2 + self.config.ssim_weight * ssim + focal
+        parts = {"loss": total.item(), "l2": l2.item(), "ssim": ssim.item(), "focal": focal.item()}
+        return total, parts
+
+    def _train_epoch(
+        self,
+        loader: DataLoader[Any],
+        optimiser: torch.optim.Optimizer,
+        context: FitContext,
+        mix: SynthesisMix,
+        rng: np.random.Generator,
+    ) -> EpochTotals:
+        """One pass over the tiles; stops early (finished=False) at the deadline or a NaN loss."""
+        totals = EpochTotals()
+        for tiles, valid in loader:
+            if context.seconds_left() <= 0:
+                return totals
+            augmented, masks = self.synthesise(tiles, valid, mix, rng)
+            loss, parts = self.loss(tiles, augmented, masks, valid)
+            if not math.isfinite(parts["loss"]):
+                log.warning("DRAEM loss is not finite; fitting stops")
+                return totals
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            totals.add(parts)
+        totals.finished = True
+        return totals
+
+    def _criterion(self, metrics: dict[str, float], context: FitContext) -> float:
+        """Higher is better: the validation score when there is one, else -loss."""
+        if context.validate is None:
+            return -metrics["loss"]
+        self.eval()
+        metrics["val_score"] = float(context.validate(self))
+        self.train()
+        return metrics["val_score"]
+
+    def _texture_tiles(self, tiles: TileData, rng: np.random.Generator) -> list[np.ndarray]:
+        count = len(tiles)  # type: ignore[arg-type]
+        chosen = rng.permutation(count)[: self.config.texture_tiles]
+        return [tiles[int(i)][0][0].numpy() for i in chosen]
+
+    def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
+        started = time.monotonic()
+        if len(tiles) == 0:  # type: ignore[arg-type]
+            raise ValueError("no defect-free tiles to fit DRAEM on")
+        generator = torch.Generator().manual_seed(context.seed)
+        rng = np.random.default_rng(context.seed)
+        mix = SynthesisMix(self.config.synthesis, self._texture_tiles(tiles, rng))
+        loader: DataLoader[Any] = DataLoader(
+            tiles, batch_size=context.batch_size, shuffle=True, generator=generator
+        )
+        optimiser = torch.optim.Adam(self.parameters(), lr=self.config.lr)
+        milestones = sorted({int(step * self.config.max_epochs) for step in self.config.lr_steps})
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, self.config.lr_gamma)
+        best = BestState()
+        epoch_seconds, epochs, stop = 0.0, 0, "max_epochs"
+        self.train()
+        with tqdm(total=self.config.max_epochs, desc="draem", disable=not context.progress) as bar:
+            for epoch in range(self.config.max_epochs):
+                if context.seconds_left() < epoch_seconds:  # the next epoch would not finish
+                    stop = "deadline"
+                    break
+                epoch_started = time.monotonic()
+                lr = optimiser.param_groups[0]["lr"]
+                totals = self._train_epoch(loader, optimiser, context, mix, rng)
+                if not totals.finished:
+                    stop = "deadline" if context.seconds_left() <= 0 else "non_finite_loss"
+                    break
+                schedule.step()
+                metrics = totals.metrics(lr)
+                best.offer(self._criterion(metrics, context), epoch, self)
+                epoch_seconds = time.monotonic() - epoch_started
+                epochs += 1
+                context.report(EpochLog(epoch=epoch, metrics=metrics, seconds=epoch_seconds))
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                bar.update()
+        self.eval()
+        if best.epoch >= 0:
+            self.load_state_dict(best.state)
+        else:
+            log.warning("DRAEM has no best epoch (none finished or scored); keeping the last state")
+        return {
+            "epochs": float(epochs),
+            "best_epoch": float(best.epoch),
+            "best_criterion": best.criterion if best.epoch >= 0 else math.nan,
+            "stopped_at_deadline": float(stop == "deadline"),
+            "stopped_on_non_finite_loss": float(stop == "non_finite_loss"),
+            "train_tiles": float(len(tiles)),  # type: ignore[arg-type]
+            "fit_seconds": time.monotonic() - started,
+        }
+
+    # ---- scoring ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, tiles: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
+        normalised = self._normalise(tiles, valid)
+        _, logits = self._forward(normalised.x)
+        anomaly = logits.softmax(dim=1)[:, 1:2]
+        maps = smooth_on_fabric(anomaly, normalised.weight, self.config.smoothing_sigma)
+        scores = pooled_max_scores(maps, normalised.weight, self.config.score_pool)
+        return ModelOutput(anomaly_map=maps[:, 0], score=scores)
+
+
+def pooled_max_scores(maps: torch.Tensor, weight: torch.Tensor, pool: int) -> torch.Tensor:
+    """[B,1,H,W] maps -> [B]: the maximum over fabric of the map averaged over the fabric pixels
+    of each pool x pool window (the paper's score); 0 for a tile without fabric.
+    """
+    height, width = maps.shape[-2:]
+    stacked = torch.cat([maps * weight, weight], dim=1)
+    pooled = F.avg_pool2d(stacked, pool, stride=1, padding=pool // 2, count_include_pad=True)
+    summed, coverage = pooled[..., :height, :width].split(1, dim=1)
+    averaged = (summed / coverage.clamp_min(1e-6)).masked_fill(weight == 0, -math.inf)
+    scores = averaged.flatten(1).max(dim=1).values
+    return torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))

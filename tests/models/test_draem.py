@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from models.base import AnomalyModel, EpochLog, FitContext
+from models.bundle import Manifest, PipelineConfig, load_bundle, save_bundle
+from models.calibration import Calibration
+from models.draem import Draem, DraemConfig, focal_loss, pooled_max_scores
+from models.pipeline import Detector
+from models.registry import model_class
+from models.synthesis import SynthesisMix
+from models.tiling import TileDataset
+from tests.conftest import woven
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY: dict[str, object] = {
+    "recon_channels": 8,
+    "disc_channels": 8,
+    "recon_depth": 3,
+    "disc_depth": 3,
+    "lr": 3e-3,
+    "score_pool": 5,
+}
+CAL = Calibration(image_threshold=0.5, image_min=0.0, image_max=1.0, pixel_threshold=0.5,
+                  pixel_min=0.0, pixel_max=1.0, method="test")  # fmt: skip
+
+
+def tiny(**changes: object) -> Draem:
+    torch.manual_seed(0)
+    return Draem(DraemConfig.model_validate({**TINY, **changes}))
+
+
+def fabric_tiles(count: int = 2) -> TileDataset:
+    images = [woven(64, 256, seed=s) for s in range(count)]
+    return TileDataset(images, [np.ones_like(i, bool) for i in images], 64, 64)
+
+
+def tile(seed: int = 9) -> torch.Tensor:
+    return torch.from_numpy(woven(64, 64, seed=seed)).float()[None, None] / 255
+
+
+def context(logs: list[EpochLog], **changes: object) -> FitContext:
+    return FitContext(callback=logs.append, progress=False, batch_size=4, **changes)  # type: ignore[arg-type]
+
+
+def same_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    current = model.state_dict()
+    return current.keys() == state.keys() and all(torch.equal(current[k], state[k]) for k in state)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fitted(one_thread: None) -> Draem:
+    model = tiny(max_epochs=2)
+    model.fit(fabric_tiles(), context([]))
+    return model
+
+
+def test_registry_and_config() -> None:
+    assert model_class("draem") is Draem
+    with pytest.raises(ValidationError):
+        DraemConfig.model_validate({"width": 3})
+    with pytest.raises(ValidationError):
+        DraemConfig.model_validate({"synthesis": {"strategies": {"nope": 1.0}}})
+
+
+def test_presets_are_valid_configs() -> None:
+    paper = yaml.safe_load((ROOT / "training/configs/draem-paper.yaml").read_text())
+    config = DraemConfig.model_validate(paper["model"])
+    assert (config.recon_channels, config.disc_channels, config.lr) == (128, 64, 1e-4)
+    assert (config.max_epochs, config.lr_steps, config.lr_gamma) == (700, [0.8, 0.9], 0.2)
+    assert paper["pipeline"]["tile_size"] == 256 and paper["pipeline"]["batch_size"] == 8
+    cpu = yaml.safe_load((ROOT / "training/configs/draem-cpu.yaml").read_text())
+    DraemConfig.model_validate(cpu["model"])
+
+
+def test_focal_loss_by_hand() -> None:
+    # Logits (0, ln 3): p(anomaly) = 3/4. A true anomaly: p_t = 3/4, loss (1/4)² * -ln(3/4);
+    # true fabric: p_t = 1/4, loss (3/4)² * -ln(1/4).
+    logits = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1).repeat(1, 1, 1, 2)
+    target = torch.tensor([[[[1.0, 0.0]]]])
+    anomaly, fabric = 0.0625 * -math.log(0.75), 0.5625 * -math.log(0.25)
+    assert focal_loss(logits, target, 2.0).item() == pytest.approx((anomaly + fabric) / 2, 1e-6)
+    weight = torch.tensor([[[[1.0, 0.0]]]])
+    assert focal_loss(logits, target, 2.0, weight).item() == pytest.approx(anomaly, 1e-6)
+    cross_entropy = torch.nn.functional.cross_entropy(logits, target[:, 0].long())
+    assert focal_loss(logits, target, 0.0).item() == pytest.approx(cross_entropy.item(), 1e-6)
+
+
+def test_pooled_max_score_by_hand() -> None:
+    maps = torch.zeros(1, 1, 8, 8)
+    maps[..., 4, 4] = 9.0
+    weight = torch.ones_like(maps)
+    assert pooled_max_scores(maps, weight, 3).item() == pytest.approx(1.0)  # 9 / 9 pixels
+    assert pooled_max_scores(maps, weight, 1).item() == pytest.approx(9.0)
+    assert pooled_max_scores(maps, torch.zeros_like(maps), 3).item() == 0.0
+
+
+def test_networks_keep_the_tile_size() -> None:
+    model = tiny()
+    x = torch.rand(2, 1, 60, 52)
+    reconstruction, logits = model._forward(x)
+    assert reconstruction.shape == (2, 1, 60, 52) and logits.shape == (2, 2, 60, 52)
+
+
+def test_training_steps_lower_the_loss() -> None:
+    model = tiny()
+    loader = torch.utils.data.DataLoader(fabric_tiles(), batch_size=8)
+    tiles, valid = next(iter(loader))
+    mix = SynthesisMix(model.config.synthesis.model_copy(update={"anomaly_free_share": 0.0}))
+    augmented, masks = model.synthesise(tiles, valid, mix, np.random.default_rng(0))
+    assert (masks.flatten(1).sum(1) > 0).all()
+    assert torch.equal(augmented != tiles, masks > 0)  # the mask is where the tile changed
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss, parts = model.loss(tiles, augmented, masks, valid)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(parts)
+    assert losses[-1]["loss"] < 0.9 * losses[0]["loss"], losses
+    assert losses[-1]["l2"] < losses[0]["l2"] and losses[-1]["focal"] < losses[0]["focal"]
+
+
+def test_fit_logs_each_epoch_and_keeps_the_lowest_loss() -> None:
+    model = tiny(max_epochs=3, lr_steps=[0.5])
+    logs: list[EpochLog] = []
+    summary = model.fit(fabric_tiles(), context(logs))
+    assert [log.epoch for log in logs] == [0, 1, 2]
+    assert all({"loss", "l2", "ssim_loss", "focal", "lr"} <= log.metrics.keys() for log in logs)
+    assert [log.metrics["lr"] for log in logs] == pytest.approx([3e-3, 6e-4, 6e-4])
+    best = min(range(3), key=lambda epoch: logs[epoch].metrics["loss"])
+    assert summary["best_epoch"] == best and summary["epochs"] == 3
+
+
+def test_validate_chooses_the_state_that_is_restored() -> None:
+    model = tiny(max_epochs=3)
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def validate(candidate: AnomalyModel) -> float:
+        snapshots.append({k: v.clone() for k, v in candidate.state_dict().items()})
+        return [0.2, 0.9, 0.1][len(snapshots) - 1]
+
+    logs: list[EpochLog] = []
+    summary = model.fit(fabric_tiles(), context(logs, validate=validate))
+    assert summary["best_epoch"] == 1 and [log.metrics["val_score"] for log in logs] == [
+        0.2,
+        0.9,
+        0.1,
+    ]
+    assert same_state(model, snapshots[1]) and not same_state(model, snapshots[-1])
+
+
+def test_fit_past_the_deadline_leaves_the_model_untouched() -> None:
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logs: list[EpochLog] = []
+    summary = model.fit(fabric_tiles(), context(logs, deadline=time.monotonic() - 1.0))
+    assert logs == [] and summary["epochs"] == 0 and summary["stopped_at_deadline"] == 1.0
+    assert same_state(model, before)
+
+
+def test_scoring_is_deterministic_and_bounded(fitted: Draem) -> None:
+    tiles = torch.cat([tile(1), tile(2)])
+    valid = torch.ones_like(tiles, dtype=torch.bool)
+    first, second = fitted.predict(tiles, valid), fitted.predict(tiles, valid)
+    assert first.anomaly_map.shape == (2, 64, 64) and first.score.shape == (2,)
+    assert torch.equal(first.anomaly_map, second.anomaly_map)
+    assert ((first.anomaly_map >= 0) & (first.anomaly_map <= 1)).all()
+    assert fitted.reconstruct(tiles).shape == tiles.shape
+
+
+def test_bundle_round_trip_gives_identical_maps(fitted: Draem, tmp_path: Path) -> None:
+    manifest = Manifest(model_type="draem", config=fitted.config.model_dump(), calibration=CAL,
+                        pipeline=PipelineConfig(tile_size=64, stride=64))  # fmt: skip
+    path = save_bundle(tmp_path / "bundle", fitted, manifest)
+    loaded, _ = load_bundle(path)
+    assert isinstance(loaded, Draem) and loaded.config == fitted.config
+    image = woven(64, 200, seed=11)  # three overlapping tiles
+    a, b = Detector(fitted, manifest).analyse(image), Detector.from_bundle(path).analyse(image)
+    assert np.array_equal(a.anomaly_map, b.anomaly_map) and a.score == b.score
+
+
+def test_padding_never_drives_the_score(fitted: Draem) -> None:
+    valid = torch.ones(1, 1, 64, 64, dtype=torch.bool)
+    valid[..., :, 40:] = False
+    white, dark = tile(5), tile(5)
+    white[..., :, 40:] = 1.0
+    dark[..., :, 40:] = 0.0
+    a, b = fitted.predict(white, valid), fitted.predict(dark, valid)
+    assert torch.equal(a.anomaly_map, b.anomaly_map) and torch.equal(a.score, b.score)
+    assert (a.anomaly_map[0, :, 40:] == 0).all()
+    assert fitted.predict(white, torch.zeros_like(valid)).score.item() == 0.0
