@@ -38,7 +38,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,11 +47,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from models.base import AnomalyModel, EpochLog, FitContext, ModelConfig, ModelOutput, TileData
+from models.base import AnomalyModel, FitContext, ModelConfig, ModelOutput, TileData
+from models.epochs import run_epochs
 from models.synthesis import SynthesisConfig, SynthesisMix
-from models.vae import BestState, Normalised, normalise, smooth_on_fabric, ssim_map
+from models.vae import Normalised, normalise, smooth_on_fabric, ssim_map
 
 log = logging.getLogger(__name__)
 
@@ -295,22 +294,12 @@ class Draem(AnomalyModel):
         totals.finished = True
         return totals
 
-    def _criterion(self, metrics: dict[str, float], context: FitContext) -> float:
-        """Higher is better: the validation score when there is one, else -loss."""
-        if context.validate is None:
-            return -metrics["loss"]
-        self.eval()
-        metrics["val_score"] = float(context.validate(self))
-        self.train()
-        return metrics["val_score"]
-
     def _texture_tiles(self, tiles: TileData, rng: np.random.Generator) -> list[np.ndarray]:
         count = len(tiles)  # type: ignore[arg-type]
         chosen = rng.permutation(count)[: self.config.texture_tiles]
         return [tiles[int(i)][0][0].numpy() for i in chosen]
 
     def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
-        started = time.monotonic()
         if len(tiles) == 0:  # type: ignore[arg-type]
             raise ValueError("no defect-free tiles to fit DRAEM on")
         generator = torch.Generator().manual_seed(context.seed)
@@ -322,42 +311,20 @@ class Draem(AnomalyModel):
         optimiser = torch.optim.Adam(self.parameters(), lr=self.config.lr)
         milestones = sorted({int(step * self.config.max_epochs) for step in self.config.lr_steps})
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, self.config.lr_gamma)
-        best = BestState()
-        epoch_seconds, epochs, stop = 0.0, 0, "max_epochs"
-        self.train()
-        with tqdm(total=self.config.max_epochs, desc="draem", disable=not context.progress) as bar:
-            for epoch in range(self.config.max_epochs):
-                if context.seconds_left() < epoch_seconds:  # the next epoch would not finish
-                    stop = "deadline"
-                    break
-                epoch_started = time.monotonic()
-                lr = optimiser.param_groups[0]["lr"]
-                totals = self._train_epoch(loader, optimiser, context, mix, rng)
-                if not totals.finished:
-                    stop = "deadline" if context.seconds_left() <= 0 else "non_finite_loss"
-                    break
-                schedule.step()
-                metrics = totals.metrics(lr)
-                best.offer(self._criterion(metrics, context), epoch, self)
-                epoch_seconds = time.monotonic() - epoch_started
-                epochs += 1
-                context.report(EpochLog(epoch=epoch, metrics=metrics, seconds=epoch_seconds))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-                bar.update()
-        self.eval()
-        if best.epoch >= 0:
-            self.load_state_dict(best.state)
-        else:
-            log.warning("DRAEM has no best epoch (none finished or scored); keeping the last state")
-        return {
-            "epochs": float(epochs),
-            "best_epoch": float(best.epoch),
-            "best_criterion": best.criterion if best.epoch >= 0 else math.nan,
-            "stopped_at_deadline": float(stop == "deadline"),
-            "stopped_on_non_finite_loss": float(stop == "non_finite_loss"),
-            "train_tiles": float(len(tiles)),  # type: ignore[arg-type]
-            "fit_seconds": time.monotonic() - started,
-        }
+
+        def step(epoch: int) -> dict[str, float] | None:
+            lr = optimiser.param_groups[0]["lr"]
+            totals = self._train_epoch(loader, optimiser, context, mix, rng)
+            if not totals.finished:
+                return None
+            schedule.step()
+            return totals.metrics(lr)
+
+        summary = run_epochs(
+            self, context, step, max_epochs=self.config.max_epochs, loss_key="loss", name="draem"
+        )
+        summary["train_tiles"] = float(len(tiles))  # type: ignore[arg-type]
+        return summary
 
     # ---- scoring ----------------------------------------------------------------------------
     @torch.inference_mode()

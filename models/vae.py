@@ -45,8 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import cv2
@@ -56,9 +55,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from models.base import AnomalyModel, EpochLog, FitContext, ModelConfig, ModelOutput, TileData
+from models.base import AnomalyModel, FitContext, ModelConfig, ModelOutput, TileData
+from models.epochs import run_epochs
 from models.filters import gaussian_filter
 
 log = logging.getLogger(__name__)
@@ -231,21 +230,6 @@ class EpochTotals:
         }
 
 
-@dataclass
-class BestState:
-    """The best state seen so far by a criterion where higher is better."""
-
-    criterion: float = -math.inf
-    epoch: int = -1
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def offer(self, criterion: float, epoch: int, model: nn.Module) -> None:
-        if math.isnan(criterion) or (self.epoch >= 0 and criterion <= self.criterion):
-            return
-        self.criterion, self.epoch = criterion, epoch
-        self.state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-
-
 class VAE(AnomalyModel):
     model_type = "vae"
     config_class = VAEConfig
@@ -329,17 +313,7 @@ class VAE(AnomalyModel):
         totals.finished = True
         return totals
 
-    def _criterion(self, metrics: dict[str, float], context: FitContext) -> float:
-        """Higher is better: the validation score when there is one, else -neg_elbo."""
-        if context.validate is None:
-            return -metrics["neg_elbo"]
-        self.eval()
-        metrics["val_score"] = float(context.validate(self))
-        self.train()
-        return metrics["val_score"]
-
     def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
-        started = time.monotonic()
         if len(tiles) == 0:  # type: ignore[arg-type]
             raise ValueError("no defect-free tiles to fit the VAE on")
         generator = torch.Generator().manual_seed(context.seed)
@@ -347,42 +321,16 @@ class VAE(AnomalyModel):
             tiles, batch_size=context.batch_size, shuffle=True, generator=generator
         )
         optimiser = torch.optim.Adam(self.parameters(), lr=self.config.lr)
-        best = BestState()
-        epoch_seconds, epochs, stop = 0.0, 0, "max_epochs"
-        self.train()
-        with tqdm(total=self.config.max_epochs, desc="vae", disable=not context.progress) as bar:
-            for epoch in range(self.config.max_epochs):
-                if context.seconds_left() < epoch_seconds:  # the next epoch would not finish
-                    stop = "deadline"
-                    break
-                epoch_started = time.monotonic()
-                totals = self._train_epoch(loader, epoch, optimiser, context, generator)
-                if not totals.finished:
-                    stop = "deadline" if context.seconds_left() <= 0 else "non_finite_loss"
-                    break
-                metrics = totals.metrics(self.config.beta)
-                best.offer(self._criterion(metrics, context), epoch, self)
-                epoch_seconds = time.monotonic() - epoch_started
-                epochs += 1
-                context.report(EpochLog(epoch=epoch, metrics=metrics, seconds=epoch_seconds))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-                bar.update()
-        self.eval()
-        if best.epoch >= 0:
-            self.load_state_dict(best.state)
-        else:
-            log.warning(
-                "VAE has no best epoch (none finished, or none was scored); keeping the last state"
-            )
-        return {
-            "epochs": float(epochs),
-            "best_epoch": float(best.epoch),
-            "best_criterion": best.criterion if best.epoch >= 0 else math.nan,
-            "stopped_at_deadline": float(stop == "deadline"),
-            "stopped_on_non_finite_loss": float(stop == "non_finite_loss"),
-            "train_tiles": float(len(tiles)),  # type: ignore[arg-type]
-            "fit_seconds": time.monotonic() - started,
-        }
+
+        def step(epoch: int) -> dict[str, float] | None:
+            totals = self._train_epoch(loader, epoch, optimiser, context, generator)
+            return totals.metrics(self.config.beta) if totals.finished else None
+
+        summary = run_epochs(
+            self, context, step, max_epochs=self.config.max_epochs, loss_key="neg_elbo", name="vae"
+        )
+        summary["train_tiles"] = float(len(tiles))  # type: ignore[arg-type]
+        return summary
 
     # ---- scoring ----------------------------------------------------------------------------
     def error_map(self, normalised: Normalised, x_hat: torch.Tensor) -> torch.Tensor:
