@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from models.tiling import TileDataset
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aitex-dev"
 
@@ -16,6 +19,17 @@ def woven(height: int, width: int, seed: int = 0) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width]
     pattern = 110 + 18 * np.sin(x * 2 * np.pi / 6) * np.sin(y * 2 * np.pi / 6)
     return np.clip(pattern + rng.normal(0, 4, (height, width)), 0, 255).astype(np.uint8)
+
+
+def woven_tile_set(count: int, size: int = 64) -> TileDataset:
+    """`count` defect-free woven strips of size x 4*size, cut into size x size tiles."""
+    images = [woven(size, 4 * size, seed=s) for s in range(count)]
+    return TileDataset(images, [np.ones_like(i, bool) for i in images], size, size)
+
+
+def woven_tile(seed: int = 9, size: int = 64) -> torch.Tensor:
+    """One defect-free tile as a [1,1,size,size] float tensor in [0, 1]."""
+    return torch.from_numpy(woven(size, size, seed=seed)).float()[None, None] / 255
 
 
 @pytest.fixture

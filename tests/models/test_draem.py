@@ -18,8 +18,7 @@ from models.draem import Draem, DraemConfig, focal_loss, pooled_max_scores
 from models.pipeline import Detector
 from models.registry import model_class
 from models.synthesis import SynthesisMix
-from models.tiling import TileDataset
-from tests.conftest import woven
+from tests.conftest import woven, woven_tile, woven_tile_set
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY: dict[str, object] = {
@@ -37,15 +36,6 @@ CAL = Calibration(image_threshold=0.5, image_min=0.0, image_max=1.0, pixel_thres
 def tiny(**changes: object) -> Draem:
     torch.manual_seed(0)
     return Draem(DraemConfig.model_validate({**TINY, **changes}))
-
-
-def fabric_tiles(count: int = 2) -> TileDataset:
-    images = [woven(64, 256, seed=s) for s in range(count)]
-    return TileDataset(images, [np.ones_like(i, bool) for i in images], 64, 64)
-
-
-def tile(seed: int = 9) -> torch.Tensor:
-    return torch.from_numpy(woven(64, 64, seed=seed)).float()[None, None] / 255
 
 
 def context(logs: list[EpochLog], **changes: object) -> FitContext:
@@ -68,7 +58,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def fitted(one_thread: None) -> Draem:
     model = tiny(max_epochs=2)
-    model.fit(fabric_tiles(), context([]))
+    model.fit(woven_tile_set(2), context([]))
     return model
 
 
@@ -121,7 +111,7 @@ def test_networks_keep_the_tile_size() -> None:
 
 def test_training_steps_lower_the_loss() -> None:
     model = tiny()
-    loader = torch.utils.data.DataLoader(fabric_tiles(), batch_size=8)
+    loader = torch.utils.data.DataLoader(woven_tile_set(2), batch_size=8)
     tiles, valid = next(iter(loader))
     mix = SynthesisMix(model.config.synthesis.model_copy(update={"anomaly_free_share": 0.0}))
     augmented, masks = model.synthesise(tiles, valid, mix, np.random.default_rng(0))
@@ -142,7 +132,7 @@ def test_training_steps_lower_the_loss() -> None:
 def test_fit_logs_each_epoch_and_keeps_the_lowest_loss() -> None:
     model = tiny(max_epochs=3, lr_steps=[0.5])
     logs: list[EpochLog] = []
-    summary = model.fit(fabric_tiles(), context(logs))
+    summary = model.fit(woven_tile_set(2), context(logs))
     assert [log.epoch for log in logs] == [0, 1, 2]
     assert all({"loss", "l2", "ssim_loss", "focal", "lr"} <= log.metrics.keys() for log in logs)
     assert [log.metrics["lr"] for log in logs] == pytest.approx([3e-3, 6e-4, 6e-4])
@@ -159,7 +149,7 @@ def test_validate_chooses_the_state_that_is_restored() -> None:
         return [0.2, 0.9, 0.1][len(snapshots) - 1]
 
     logs: list[EpochLog] = []
-    summary = model.fit(fabric_tiles(), context(logs, validate=validate))
+    summary = model.fit(woven_tile_set(2), context(logs, validate=validate))
     assert summary["best_epoch"] == 1 and [log.metrics["val_score"] for log in logs] == [
         0.2,
         0.9,
@@ -172,13 +162,13 @@ def test_fit_past_the_deadline_leaves_the_model_untouched() -> None:
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     logs: list[EpochLog] = []
-    summary = model.fit(fabric_tiles(), context(logs, deadline=time.monotonic() - 1.0))
+    summary = model.fit(woven_tile_set(2), context(logs, deadline=time.monotonic() - 1.0))
     assert logs == [] and summary["epochs"] == 0 and summary["stopped_at_deadline"] == 1.0
     assert same_state(model, before)
 
 
 def test_scoring_is_deterministic_and_bounded(fitted: Draem) -> None:
-    tiles = torch.cat([tile(1), tile(2)])
+    tiles = torch.cat([woven_tile(1), woven_tile(2)])
     valid = torch.ones_like(tiles, dtype=torch.bool)
     first, second = fitted.predict(tiles, valid), fitted.predict(tiles, valid)
     assert first.anomaly_map.shape == (2, 64, 64) and first.score.shape == (2,)
@@ -201,7 +191,7 @@ def test_bundle_round_trip_gives_identical_maps(fitted: Draem, tmp_path: Path) -
 def test_padding_never_drives_the_score(fitted: Draem) -> None:
     valid = torch.ones(1, 1, 64, 64, dtype=torch.bool)
     valid[..., :, 40:] = False
-    white, dark = tile(5), tile(5)
+    white, dark = woven_tile(5), woven_tile(5)
     white[..., :, 40:] = 1.0
     dark[..., :, 40:] = 0.0
     a, b = fitted.predict(white, valid), fitted.predict(dark, valid)

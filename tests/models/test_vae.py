@@ -15,7 +15,6 @@ from models.bundle import Manifest, PipelineConfig, load_bundle, save_bundle
 from models.calibration import Calibration
 from models.pipeline import Detector
 from models.registry import model_class
-from models.tiling import TileDataset
 from models.vae import (
     VAE,
     VAEConfig,
@@ -25,7 +24,7 @@ from models.vae import (
     reconstruction_figure,
     ssim_map,
 )
-from tests.conftest import woven
+from tests.conftest import woven, woven_tile, woven_tile_set
 
 TINY: dict[str, object] = {
     "base_channels": 8,
@@ -46,15 +45,6 @@ def tiny(**changes: object) -> VAE:
     return VAE(VAEConfig.model_validate({**TINY, **changes}))
 
 
-def fabric_tiles(count: int = 4) -> TileDataset:
-    images = [woven(64, 256, seed=s) for s in range(count)]
-    return TileDataset(images, [np.ones_like(i, bool) for i in images], 64, 64)
-
-
-def tile(seed: int = 9) -> torch.Tensor:
-    return torch.from_numpy(woven(64, 64, seed=seed)).float()[None, None] / 255
-
-
 def fit_logged(
     model: VAE,
     validate: Callable[[AnomalyModel], float] | None = None,
@@ -63,7 +53,7 @@ def fit_logged(
     logs: list[EpochLog] = []
     context = FitContext(deadline=deadline, callback=logs.append, validate=validate,
                          progress=False, batch_size=4)  # fmt: skip
-    return model.fit(fabric_tiles(), context), logs
+    return model.fit(woven_tile_set(4), context), logs
 
 
 def same_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
@@ -105,7 +95,7 @@ def test_ssim_of_identical_images_is_one_and_hand_checked_case() -> None:
 
 
 def test_a_large_defect_does_not_rescale_the_fabric_around_it() -> None:
-    clean = tile(4)
+    clean = woven_tile(4)
     defect = clean.clone()
     defect[..., 28:32, 8:56] = 0.02  # 5% of the tile, far darker than the fabric
     a, b = normalise(clean, None, True).x, normalise(defect, None, True).x
@@ -175,7 +165,7 @@ def test_deadline_mid_epoch_keeps_the_best_finished_epoch() -> None:
     # clock runs out before the third batch of the third epoch.
     context = Countdown(looks=5 + 5 + 3, callback=logs.append, validate=validate,
                         progress=False, batch_size=4)  # fmt: skip
-    summary = model.fit(fabric_tiles(), context)
+    summary = model.fit(woven_tile_set(4), context)
     assert summary["stopped_at_deadline"] == 1.0 and summary["epochs"] == 2 == len(logs)
     assert summary["best_epoch"] == 1 and same_state(model, snapshots[1])
 
@@ -196,7 +186,7 @@ def test_fit_past_the_deadline_leaves_the_model_untouched() -> None:
 
 
 def test_scoring_is_deterministic(fitted: VAE) -> None:
-    tiles = torch.cat([tile(1), tile(2)])
+    tiles = torch.cat([woven_tile(1), woven_tile(2)])
     valid = torch.ones_like(tiles, dtype=torch.bool)
     first, second = fitted.predict(tiles, valid), fitted.predict(tiles, valid)
     assert first.anomaly_map.shape == (2, 64, 64) and first.score.shape == (2,)
@@ -219,7 +209,7 @@ def test_bundle_round_trip_gives_identical_maps(fitted: VAE, tmp_path: Path) -> 
 def test_invalid_pixels_never_drive_the_score(fitted: VAE) -> None:
     valid = torch.ones(1, 1, 64, 64, dtype=torch.bool)
     valid[..., :, 40:] = False
-    white, dark = tile(5), tile(5)
+    white, dark = woven_tile(5), woven_tile(5)
     white[..., :, 40:] = 1.0  # padding beside the fabric
     dark[..., :, 40:] = 0.0
     a, b = fitted.predict(white, valid), fitted.predict(dark, valid)
@@ -237,7 +227,7 @@ def test_image_scores_use_only_valid_pixels() -> None:
 
 
 def test_dark_line_scores_higher_than_clean_fabric(fitted: VAE) -> None:
-    clean = tile(9)
+    clean = woven_tile(9)
     defect = clean.clone()
     defect[..., 28:36, 20:44] = 0.05  # a dark broken-yarn-like line
     valid = torch.ones(2, 1, 64, 64, dtype=torch.bool)
@@ -254,6 +244,6 @@ def test_tiles_of_any_size_are_scored(fitted: VAE) -> None:
 
 
 def test_reconstruction_figure_shows_each_tile_in_a_row(fitted: VAE) -> None:
-    tiles = torch.cat([tile(1), tile(2)])
+    tiles = torch.cat([woven_tile(1), woven_tile(2)])
     figure = reconstruction_figure(fitted, tiles, torch.ones_like(tiles, dtype=torch.bool))
     assert figure.dtype == np.uint8 and figure.shape == (2 * 64 + 4, 3 * 64 + 2 * 4, 3)
