@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from models.pipeline import Detector
 from models.registry import model_class
 from models.synthesis import SynthesisMix
 from tests.conftest import woven, woven_tile, woven_tile_set
+from tests.models.conftest import same_state
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY: dict[str, object] = {
@@ -40,19 +40,6 @@ def tiny(**changes: object) -> Draem:
 
 def context(logs: list[EpochLog], **changes: object) -> FitContext:
     return FitContext(callback=logs.append, progress=False, batch_size=4, **changes)  # type: ignore[arg-type]
-
-
-def same_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    current = model.state_dict()
-    return current.keys() == state.keys() and all(torch.equal(current[k], state[k]) for k in state)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

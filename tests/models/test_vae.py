@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from models.vae import (
     ssim_map,
 )
 from tests.conftest import woven, woven_tile, woven_tile_set
+from tests.models.conftest import same_state
 
 TINY: dict[str, object] = {
     "base_channels": 8,
@@ -54,20 +55,6 @@ def fit_logged(
     context = FitContext(deadline=deadline, callback=logs.append, validate=validate,
                          progress=False, batch_size=4)  # fmt: skip
     return model.fit(woven_tile_set(4), context), logs
-
-
-def same_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    current = model.state_dict()
-    return current.keys() == state.keys() and all(torch.equal(current[k], state[k]) for k in state)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny networks gain nothing from threads and lose much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
