@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.middleware import REQUEST_ID_HEADER, security_headers
+
 log = logging.getLogger("loomwatch.app")
 
 STATUS_CODES = {
@@ -100,8 +102,15 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A 500 is answered outside the middleware (by Starlette's outermost error layer), so it
+    adds the request id and the security headers itself."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(request, 500, "internal_error", "internal error; see the server log")
+    headers = security_headers(request.url.path)
+    request_id = request_id_of(request)
+    if request_id:
+        headers[REQUEST_ID_HEADER] = request_id
+    detail = "internal error; see the server log"
+    return error_response(request, 500, "internal_error", detail, headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -53,8 +53,15 @@ def _unsupported(what: str) -> ApiError:
     return ApiError(415, "unsupported_media_type", f"{what} is not accepted; send {formats}")
 
 
-def probe_image(data: bytes, content_type: str | None, max_pixels: int) -> ImageInfo:
-    """Format, mode and size from the header, or the ApiError (413/415/422) to answer."""
+def probe_image(
+    data: bytes, content_type: str | None, max_pixels: int, tile_size: int = 1
+) -> ImageInfo:
+    """Format, mode and size from the header, or the ApiError (413/415/422) to answer.
+
+    An image narrower or lower than a tile is padded to it before scoring, so the pixel limit
+    applies to the padded size too: a 1 x 16,000,000 line would otherwise cost as much memory
+    and time as a 256 x 16,000,000 image.
+    """
     declared = (content_type or "").split(";")[0].strip().lower()
     if declared and declared not in ACCEPTED_CONTENT_TYPES:
         raise _unsupported(f"content type '{declared}'")
@@ -83,6 +90,15 @@ def probe_image(data: bytes, content_type: str | None, max_pixels: int) -> Image
             "too_many_pixels",
             f"the image declares {info.width}x{info.height} pixels, "
             f"more than the limit of {max_pixels}",
+        )
+    scored_width, scored_height = max(info.width, tile_size), max(info.height, tile_size)
+    if scored_width * scored_height > max_pixels:
+        raise ApiError(
+            413,
+            "too_many_pixels",
+            f"the image is {info.width}x{info.height} pixels; padded to the model's {tile_size} px "
+            f"tile it would be scored as {scored_width}x{scored_height}, more than the limit of "
+            f"{max_pixels}",
         )
     return info
 

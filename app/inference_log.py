@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import Counter
 
 QUEUE_SIZE = 10_000
+STOP_TIMEOUT_S = 30.0  # at shutdown, the longest wait for the writer to take the last records
 log = logging.getLogger("loomwatch.app")
 
 
@@ -51,6 +52,13 @@ class _CountingFileHandler(logging.handlers.RotatingFileHandler):
             log.warning("cannot write the inference log %s", self.baseFilename)
 
 
+class _Listener(logging.handlers.QueueListener):
+    def enqueue_sentinel(self) -> None:
+        """The stock listener uses put_nowait, which raises when a burst (or a slow disk) has
+        filled the queue, and then never stops: wait for the writer to make room instead."""
+        self.queue.put(getattr(self, "_sentinel", None), timeout=STOP_TIMEOUT_S)
+
+
 class InferenceLog:
     """Append-only JSON lines; `close()` flushes what is queued."""
 
@@ -59,7 +67,7 @@ class InferenceLog:
         self._logger = logging.getLogger(f"loomwatch.inference.{id(self)}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
-        self._listener: logging.handlers.QueueListener | None = None
+        self._listener: _Listener | None = None
         if path is None:
             return
         try:
@@ -71,7 +79,7 @@ class InferenceLog:
         writer.setFormatter(_JsonLineFormatter())
         self._handler = _CountingQueueHandler(records, failures)
         self._logger.addHandler(self._handler)
-        self._listener = logging.handlers.QueueListener(records, writer)
+        self._listener = _Listener(records, writer)
         self._listener.start()
 
     def append(self, payload: dict[str, Any]) -> None:
@@ -82,7 +90,13 @@ class InferenceLog:
         if self._listener is None:
             return
         self._logger.removeHandler(self._handler)
-        self._listener.stop()  # writes what is still queued
+        try:
+            self._listener.stop()  # writes what is still queued
+        except queue.Full:
+            log.warning("the inference log writer is stuck; records still queued are lost")
         for handler in self._listener.handlers:
-            handler.close()
+            try:
+                handler.close()
+            except OSError:  # the last flush hit the same full or read-only disk
+                log.warning("the inference log could not be closed cleanly")
         self._listener = None

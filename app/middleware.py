@@ -1,6 +1,7 @@
 """Pure ASGI middleware (no body buffering: uploads stream through untouched).
 
-- :class:`RequestContextMiddleware`: a request id (echoed as X-Request-ID) and request metrics.
+- :class:`RequestContextMiddleware`: a request id (echoed as X-Request-ID), the security headers
+  of :func:`security_headers` on every response, and request metrics.
 - :class:`BodyLimitMiddleware`: 413 when the declared Content-Length is over MAX_UPLOAD_BYTES
   (before any of the body is read) or once the bytes read pass it, so an oversized upload is
   never held in memory (nor spooled to disk). The error goes through the API's JSON error
@@ -22,6 +23,26 @@ from app.metrics import Metrics
 REQUEST_ID_HEADER = "X-Request-ID"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+# Swagger UI and ReDoc load their scripts and styles from a CDN and run inline code: their pages
+# only forbid framing.
+_DOCS_PAGES = ("/docs", "/redoc")
+_DOCS_CSP = "frame-ancestors 'none'"
+
+
+def security_headers(path: str) -> dict[str, str]:
+    """Headers every answer carries (a route may set its own Cache-Control)."""
+    headers = dict(_SECURITY_HEADERS)
+    if path.startswith(_DOCS_PAGES):
+        headers["Content-Security-Policy"] = _DOCS_CSP
+    return headers
+
 
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
@@ -35,6 +56,7 @@ class RequestContextMiddleware:
         offered = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = offered if _CLIENT_ID.match(offered) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        extra_headers = security_headers(scope["path"])
         started = time.perf_counter()
         status = 500
 
@@ -42,7 +64,10 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append(REQUEST_ID_HEADER, request_id)
+                for name, value in extra_headers.items():
+                    headers.setdefault(name, value)
             await send(message)
 
         try:

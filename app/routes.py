@@ -39,7 +39,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     text = {
         401: "API_KEY is set and the request has no valid key",
         413: "the body is over MAX_UPLOAD_BYTES, or the image declares more than MAX_PIXELS",
-        415: "not a PNG, JPEG, BMP or TIFF (declared content type or actual bytes)",
+        415: "not a PNG, JPEG, BMP or TIFF (declared content type or actual bytes), or a body "
+        "that is not multipart/form-data",
         422: "undecodable image, or a bad parameter",
         503: "busy (queue full or timed out) or model not ready; see Retry-After",
     }
@@ -73,7 +74,7 @@ async def predict(
     tags=["predict"],
     summary="Score several images",
     response_model=BatchResponse,
-    responses=_errors(413, 422, 503),
+    responses=_errors(413, 415, 422, 503),
 )
 async def predict_batch(
     scorer: ScorerDep,
@@ -123,7 +124,13 @@ async def predict_overlay(
     return Response(overlay.png, media_type="image/png", headers=headers)
 
 
-@api.get("/model", tags=["service"], summary="The model being served", response_model=ModelResponse)
+@api.get(
+    "/model",
+    tags=["service"],
+    summary="The model being served",
+    response_model=ModelResponse,
+    responses=_errors(503),
+)
 def model_info(model: ModelDep, settings: SettingsDep) -> ModelResponse:
     """Name, version, type, config, calibration, training metrics and the input it accepts."""
     manifest = model.detector.manifest

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -14,6 +18,7 @@ from app.model import StartupError
 from app.settings import Settings
 
 EXIT_STARTUP_FAILED = 2
+log = logging.getLogger("loomwatch.app")
 
 
 class _HideStartupTraceback(logging.Filter):
@@ -24,6 +29,26 @@ class _HideStartupTraceback(logging.Filter):
         return not (message.startswith("Traceback") and StartupError.__name__ in message)
 
 
+@contextmanager
+def _sigterm_is_a_normal_stop() -> Iterator[None]:
+    """Uvicorn handles SIGTERM itself (stop accepting, let in-flight requests finish, shut the
+    app down) and then raises the signal again under the handler that was there before, which by
+    default kills the process (status -15). A stop that was asked for and went well exits 0."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _ignore_signal)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    log.info("stopped by signal %d", signum)
+
+
 def _settings(model_uri: str | None, host: str | None, port: int | None) -> Settings:
     given: dict[str, Any] = {"model_uri": model_uri, "host": host, "port": port}
     return Settings(**{key: value for key, value in given.items() if value is not None})
@@ -32,7 +57,8 @@ def _settings(model_uri: str | None, host: str | None, port: int | None) -> Sett
 def run(model_uri: str | None = None, host: str | None = None, port: int | None = None) -> int:
     """Serve until interrupted; arguments override the settings (environment, .env).
 
-    Returns the exit status: 0 after a normal shutdown, 2 when start-up failed.
+    Returns the exit status: 0 after a normal shutdown (SIGTERM included: requests in flight
+    get up to SHUTDOWN_TIMEOUT_S to finish, new connections are refused), 2 when start-up failed.
     """
     try:
         settings = _settings(model_uri, host, port)
@@ -46,12 +72,18 @@ def run(model_uri: str | None = None, host: str | None = None, port: int | None 
         return EXIT_STARTUP_FAILED
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, lifespan="on", timeout_graceful_shutdown=10
+        app,
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        server_header=False,
     )
     logging.getLogger("uvicorn.error").addFilter(_HideStartupTraceback())
     server = uvicorn.Server(config)
     try:
-        server.run()
+        with _sigterm_is_a_normal_stop():
+            server.run()
     except SystemExit:  # uvicorn exits (status 3) when start-up fails
         if server.started:
             raise

@@ -99,7 +99,8 @@ class Scorer:
 
     async def read(self, upload: UploadFile) -> Upload:
         data = await upload.read()
-        info = probe_image(data, upload.content_type, self.settings.max_pixels)
+        tile = self.model.detector.pipeline.tile_size
+        info = probe_image(data, upload.content_type, self.settings.max_pixels, tile)
         return Upload(upload.filename, data, info)
 
     def suppression(self, options: ScoreOptions) -> SuppressionSettings:

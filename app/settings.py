@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="seconds an image may wait and run before 503"
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 503 (busy)")
+    shutdown_timeout_s: int = Field(
+        default=30,
+        ge=0,
+        description="on SIGTERM, seconds requests in flight may take to finish before they are "
+        "cut off",
+    )
 
     max_upload_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1, description="request body limit (all files together)"

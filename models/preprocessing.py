@@ -30,7 +30,7 @@ def _to_grey_array(image: Image.Image) -> np.ndarray:
         wide = np.asarray(image, dtype=np.uint16)
         return (wide.astype(np.uint32) * 255 // 65535).astype(np.uint8)
     if mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)  # NaN: black
         high = 65535.0 if values.max(initial=0.0) > 255.0 else 255.0
         return np.clip(values * (255.0 / high), 0, 255).round().astype(np.uint8)
     if mode == "1":

@@ -3,9 +3,7 @@ answering afterwards."""
 
 from __future__ import annotations
 
-import struct
 import threading
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.model import StartupError
+from bench.hostile import png_header_only
 from tests.app.conftest import make_settings, png_bytes
 from tests.app.test_predict import post_image
 
@@ -33,19 +32,6 @@ def assert_error(response: Any, status: int, code: str, *hidden: Path) -> dict[s
 def assert_still_serving(client: TestClient, image: bytes) -> None:
     assert client.get("/ready").status_code == 200
     assert post_image(client, image).status_code == 200
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    body = kind + data
-    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height, with a few bytes of pixel data only."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    pixels = zlib.compress(b"\x00" * 64)
-    ihdr, idat, iend = _chunk(b"IHDR", header), _chunk(b"IDAT", pixels), _chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + ihdr + idat + iend
 
 
 @pytest.fixture(scope="module")

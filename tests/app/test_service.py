@@ -4,11 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.model import name_and_version
+from bench.live_server import live_server
 from tests.app.conftest import make_settings
 from tests.app.test_predict import post_image
 from training.cli import main
@@ -167,46 +163,14 @@ def test_serve_exits_non_zero_with_one_line_when_the_model_cannot_load(
     assert len(errors) == 1 and "no such bundle folder" in errors[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_loomwatch_serve_answers_on_a_loopback_port(
     bundle: Path, defect_png: bytes, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    command = Path(sys.executable).with_name("loomwatch")
-    argv = [str(command)] if command.exists() else [sys.executable, "-m", "training.cli"]
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_URI", "API_KEY")}
-    env.update(INFERENCE_LOG_PATH=str(tmp_path / "inference.jsonl"), INFERENCE_THREADS="1")
-    server = subprocess.Popen(
-        [*argv, "serve", "--model-uri", str(bundle), "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.communicate()[0].decode()
-            try:
-                if httpx2.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
+    with live_server(bundle, tmp_path, {"INFERENCE_THREADS": "1"}) as server:
         files = {"file": ("strip.png", defect_png, "image/png")}
-        response = httpx2.post(f"{base}/predict", files=files, timeout=30)
+        response = httpx2.post(f"{server.url}/predict", files=files, timeout=30)
         assert response.status_code == 200, response.text
         assert response.json()["decision"] == "anomalous"
         assert response.json()["request_id"] == response.headers["x-request-id"]
-    finally:
-        server.terminate()
-        output = server.communicate(timeout=30)[0].decode()
-    assert server.returncode in (0, -signal.SIGTERM), output  # uvicorn re-raises SIGTERM
+        assert server.stop() == 0, server.output
     assert (tmp_path / "inference.jsonl").read_text().count("\n") == 1
