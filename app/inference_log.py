@@ -13,7 +13,7 @@ import logging
 import logging.handlers
 import queue
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import Counter
 
@@ -56,7 +56,8 @@ class _Listener(logging.handlers.QueueListener):
     def enqueue_sentinel(self) -> None:
         """The stock listener uses put_nowait, which raises when a burst (or a slow disk) has
         filled the queue, and then never stops: wait for the writer to make room instead."""
-        self.queue.put(getattr(self, "_sentinel", None), timeout=STOP_TIMEOUT_S)
+        records = cast("queue.Queue[Any]", self.queue)
+        records.put(getattr(self, "_sentinel", None), timeout=STOP_TIMEOUT_S)
 
 
 class InferenceLog:
