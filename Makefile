@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck pytest format bench clean
+.PHONY: setup demo test lint typecheck pytest format bench clean container-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ format: $(STAMP)
 ## Latency and memory of a bundle: make bench BUNDLE=runs/demo/bundle
 bench: $(STAMP)
 	$(BIN)/python bench/latency.py --bundle $(BUNDLE)
+
+## Build the Docker image for real (podman, no Docker engine needed; root) and start it:
+## lint, build, /health, /ready, /predict from inside the image. Not in CI (README "Deployment").
+container-test: $(STAMP)
+	$(BIN)/python deploy/container_test.py
 
 clean:
 	rm -rf runs predictions .mypy_cache .ruff_cache .pytest_cache

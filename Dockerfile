@@ -1,0 +1,94 @@
+# Loomwatch serving image: the `loomwatch` package, CPU-only torch, one model.
+#
+#   docker build -t loomwatch .                                        # model fetched at start
+#   docker build --build-arg BUNDLE_DIR=deploy/bundles/fabric-02 -t loomwatch:fabric-02 .  # baked
+#
+# Build arguments (README "Deployment" has the whole list):
+#   BASE_IMAGE        a Python 3.11 image (default: the official slim one)
+#   TORCH_INDEX_URL   where torch and torchvision come from (default: PyTorch's CPU-only wheels;
+#                     PyPI's Linux wheels bring several GB of CUDA libraries)
+#   PIP_INDEX_URL     where everything else comes from (default: PyPI)
+#   BUNDLE_DIR        a bundle folder inside the build context to bake in as /app/model
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: a virtual environment with loomwatch and its serving dependencies ---------------
+FROM ${BASE_IMAGE} AS build
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+# Unset unless given: pip reads them from the environment (a mirror, a proxy's CA bundle).
+ARG PIP_INDEX_URL
+ARG PIP_CERT
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PATH=/opt/venv/bin:$PATH
+
+# torch first, from its own index, so that installing loomwatch finds it satisfied and never
+# pulls the default (CUDA) build from PyPI.
+RUN python -m venv /opt/venv \
+    && pip install --index-url "${TORCH_INDEX_URL}" \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY models ./models
+COPY training ./training
+COPY app ./app
+RUN pip install . && python -c "import app.main, training.model_uri"
+
+# The bundle, readable by the service user (bundles are written owner-only), checked here so
+# that a wrong folder fails the build rather than the first start.
+ARG BUNDLE_DIR=deploy/no-bundle
+COPY ${BUNDLE_DIR} /opt/model
+RUN chmod -R a+rX,go-w /opt/model \
+    && if [ -f /opt/model/manifest.json ]; then \
+        python -c "import sys; from models.pipeline import Detector; \
+d = Detector.from_bundle(sys.argv[1]); print('baked bundle:', d.manifest.model_type)" /opt/model; \
+    elif [ "${BUNDLE_DIR}" != deploy/no-bundle ]; then \
+        echo "BUNDLE_DIR=${BUNDLE_DIR} has no manifest.json: not a Loomwatch bundle" >&2; exit 1; \
+    else echo "no bundle baked in: set MODEL_URI (e.g. models:/NAME@champion) at start"; fi
+
+# ---- final: the environment, the model, a non-root user -------------------------------------
+FROM ${BASE_IMAGE}
+
+LABEL org.opencontainers.image.title="loomwatch" \
+      org.opencontainers.image.description="Fabric defect detection API (FastAPI, PyTorch, MLflow)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# /var/lib/loomwatch is the home and working directory: the model cache, the inference log and,
+# under docker compose, the trainer's data and the MLflow server's volumes (a named volume
+# takes the owner of the folder it is mounted on).
+RUN groupadd --system --gid 10001 loomwatch \
+    && useradd --system --uid 10001 --gid loomwatch --home-dir /var/lib/loomwatch \
+        --shell /usr/sbin/nologin loomwatch \
+    && mkdir -p /var/lib/loomwatch/data /var/lib/loomwatch/mlflow/db \
+        /var/lib/loomwatch/mlflow/artifacts \
+    && chown -R loomwatch:loomwatch /var/lib/loomwatch
+
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/model /app/model
+
+# Every setting of app/settings.py can be given with `docker run -e NAME=value`.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/var/lib/loomwatch \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    MODEL_URI=/app/model \
+    INFERENCE_THREADS=0 \
+    INFERENCE_WORKERS=1
+
+USER 10001:10001
+WORKDIR /var/lib/loomwatch
+EXPOSE 8000
+
+# /health answers while the process runs; it needs no API key.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=4)"]
+
+CMD ["loomwatch", "serve"]
