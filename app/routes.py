@@ -37,6 +37,7 @@ IMAGE_FILE = "PNG, JPEG, BMP or TIFF (grey, RGB, RGBA, palette or 16-bit; scored
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     text = {
+        400: "the multipart/form-data body is malformed",
         401: "API_KEY is set and the request has no valid key",
         413: "the body is over MAX_UPLOAD_BYTES, or the image declares more than MAX_PIXELS",
         415: "not a PNG, JPEG, BMP or TIFF (declared content type or actual bytes), or a body "
@@ -56,7 +57,7 @@ probes = APIRouter(tags=["service"])
     tags=["predict"],
     summary="Score one image",
     response_model=PredictionResponse,
-    responses=_errors(413, 415, 422, 503),
+    responses=_errors(400, 413, 415, 422, 503),
 )
 async def predict(
     scorer: ScorerDep,
@@ -74,7 +75,7 @@ async def predict(
     tags=["predict"],
     summary="Score several images",
     response_model=BatchResponse,
-    responses=_errors(413, 415, 422, 503),
+    responses=_errors(400, 413, 415, 422, 503),
 )
 async def predict_batch(
     scorer: ScorerDep,
@@ -98,7 +99,7 @@ async def predict_batch(
             "description": "PNG: heatmap over the fabric, kept regions in red, suppressed in "
             "yellow, padding greyed. Headers X-Loomwatch-Score, -Decision and -Regions.",
         },
-        **_errors(413, 415, 422, 503),
+        **_errors(400, 413, 415, 422, 503),
     },
 )
 async def predict_overlay(
