@@ -63,7 +63,9 @@ def test_sigkill_mid_fit_registers_nothing_and_the_next_run_works(
     client = MlflowClient(tracking_uri=store)
     assert not out.exists(), "a bundle was left where the next command would load it"
     assert client.search_model_versions("name = 'fabric'") == []
-    runs = client.search_runs([client.get_experiment_by_name("loomwatch").experiment_id])
+    experiment = client.get_experiment_by_name("loomwatch")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
     assert [run.info.status for run in runs] == ["RUNNING"]  # SIGKILL cannot be handled
 
     # the next run, in this process (one interpreter start-up less), on the same store
