@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck pytest format bench clean container-test
+.PHONY: setup demo test lint typecheck pytest format bench clean container-test reliability
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench: $(STAMP)
 ## lint, build, /health, /ready, /predict from inside the image. Not in CI (README "Deployment").
 container-test: $(STAMP)
 	$(BIN)/python deploy/container_test.py
+
+## Reliability: load (1, 4 and 4 x workers clients; a 2,000-request leak check), fuzzing
+## (500+ schemathesis cases), hostile uploads and faults, then one summary table
+## (README "Reliability"). Long: about 40 minutes on 2 shared cores. Not in CI.
+reliability: $(STAMP)
+	$(BIN)/python -m bench.reliability $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf runs predictions .mypy_cache .ruff_cache .pytest_cache

@@ -4,7 +4,6 @@ MLflow tracking server down at start, and an inference log on a full or refusing
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
 import threading
@@ -119,26 +118,30 @@ def test_serve_stops_with_one_line_when_the_tracking_server_is_down(
     assert "unreachable" in errors[0] and str(closed) in errors[0]
 
 
-def refusing_paths() -> list[Path]:
-    """Log paths whose writes fail: a full device, and a file system that refuses writes."""
-    paths = []
-    if Path("/dev/full").exists():
-        paths.append(Path("/dev/full"))
-    sysfs = Path("/sys/loomwatch-inference.jsonl")
-    if Path("/sys").is_dir() and not os.access("/sys", os.W_OK):
-        paths.append(sysfs)
-    elif Path("/sys").is_dir():  # root may pass os.access; the kernel still refuses
-        try:
-            sysfs.touch()
-        except OSError:
-            paths.append(sysfs)
-    return paths
+def unwritable_log(kind: str, tmp_path: Path) -> Path:
+    """A log path whose writes fail; skips where this machine cannot make one."""
+    if kind == "not a folder":
+        blocker = tmp_path / "not-a-folder"
+        blocker.write_text("a file where the log folder should be")
+        return blocker / "inference.jsonl"
+    if kind == "full disk":
+        if not Path("/dev/full").exists():
+            pytest.skip("no /dev/full here")
+        return Path("/dev/full")
+    sysfs = Path("/sys/loomwatch-inference.jsonl")  # refuses writes, even root's
+    try:
+        sysfs.touch()
+    except OSError:
+        return sysfs
+    sysfs.unlink()
+    pytest.skip("/sys accepts writes here")
 
 
-@pytest.mark.parametrize("path", refusing_paths(), ids=str)
-def test_a_full_or_refusing_disk_never_fails_a_request_and_is_counted(
-    bundle: Path, defect_png: bytes, path: Path
+@pytest.mark.parametrize("kind", ["not a folder", "full disk", "read-only file system"])
+def test_an_unwritable_inference_log_never_fails_a_request_and_is_counted(
+    bundle: Path, defect_png: bytes, kind: str, tmp_path: Path
 ) -> None:
+    path = unwritable_log(kind, tmp_path)
     with TestClient(create_app(make_settings(bundle, path))) as client:
         for _ in range(3):
             assert post_image(client, defect_png).status_code == 200
