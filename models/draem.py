@@ -48,8 +48,9 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader
 
+from models.augment import AugmentConfig, random_affine
 from models.base import AnomalyModel, FitContext, ModelConfig, ModelOutput, TileData
-from models.epochs import run_epochs
+from models.epochs import batches, run_epochs
 from models.synthesis import SynthesisConfig, SynthesisMix
 from models.vae import Normalised, normalise, smooth_on_fabric, ssim_map
 
@@ -72,6 +73,14 @@ class DraemConfig(ModelConfig):
     lr_steps: list[float] = Field(default_factory=lambda: [0.8, 0.9])
     lr_gamma: float = Field(default=0.2, gt=0.0)
     texture_tiles: int = Field(default=64, ge=0, description="training tiles kept as textures")
+    crop_size: int = Field(
+        default=0, ge=0, description="train on random square crops of this size; 0: whole tiles"
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augment_share: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of training tiles skewed/stretched"
+    )
+    validate_every: int = Field(default=1, ge=1, description="epochs between validation scores")
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     # scoring
     smoothing_sigma: float = Field(default=0.0, ge=0.0)
@@ -215,7 +224,6 @@ class Draem(AnomalyModel):
         super().__init__(config, load_weights)  # no external weights to load
         self.reconstructive = ReconstructiveNet(config.recon_channels, config.recon_depth)
         self.discriminative = DiscriminativeNet(config.disc_channels, config.disc_depth)
-        self.to(memory_format=torch.channels_last)
 
     # ---- passes -----------------------------------------------------------------------------
     def _normalise(self, tiles: torch.Tensor, valid: torch.Tensor | None) -> Normalised:
@@ -228,7 +236,7 @@ class Draem(AnomalyModel):
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised tiles [B,1,H,W] -> reconstruction [B,1,H,W] and logits [B,2,H,W]."""
-        padded = self._pad(x).contiguous(memory_format=torch.channels_last)
+        padded = self._pad(x)
         x_hat = self.reconstructive(padded)
         logits = self.discriminative(torch.cat([padded, x_hat], dim=1))
         height, width = x.shape[-2:]
@@ -241,6 +249,30 @@ class Draem(AnomalyModel):
         return normalised.to_input_space(x_hat).clamp(0.0, 1.0)
 
     # ---- fitting ----------------------------------------------------------------------------
+    def vary(
+        self, tiles: torch.Tensor, valid: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch as the networks see it: ``augment_share`` of the tiles skewed and
+        stretched (models/augment.py), then each cut to a random ``crop_size`` square."""
+        if self.config.augment_share > 0:
+            chosen = torch.rand(len(tiles), generator=generator) < self.config.augment_share
+            if chosen.any():
+                warped, warped_valid = random_affine(
+                    tiles[chosen], valid[chosen], self.config.augment, generator
+                )
+                tiles, valid = tiles.clone(), valid.clone()
+                tiles[chosen], valid[chosen] = warped, warped_valid
+        size = self.config.crop_size
+        height, width = tiles.shape[-2:]
+        if size <= 0 or (size >= height and size >= width):
+            return tiles, valid
+        size_y, size_x = min(size, height), min(size, width)
+        ys = torch.randint(0, height - size_y + 1, (len(tiles),), generator=generator).tolist()
+        xs = torch.randint(0, width - size_x + 1, (len(tiles),), generator=generator).tolist()
+        crops = [(t[..., y : y + size_y, x : x + size_x], v[..., y : y + size_y, x : x + size_x])
+                 for t, v, y, x in zip(tiles, valid, ys, xs, strict=True)]  # fmt: skip
+        return torch.stack([c for c, _ in crops]), torch.stack([v for _, v in crops])
+
     def synthesise(
         self, tiles: torch.Tensor, valid: torch.Tensor, mix: SynthesisMix, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,12 +308,15 @@ class Draem(AnomalyModel):
         context: FitContext,
         mix: SynthesisMix,
         rng: np.random.Generator,
+        generator: torch.Generator,
+        epoch: int,
     ) -> EpochTotals:
         """One pass over the tiles; stops early (finished=False) at the deadline or a NaN loss."""
         totals = EpochTotals()
-        for tiles, valid in loader:
+        for tiles, valid in batches(loader, context, epoch):
             if context.seconds_left() <= 0:
                 return totals
+            tiles, valid = self.vary(tiles, valid, generator)
             augmented, masks = self.synthesise(tiles, valid, mix, rng)
             loss, parts = self.loss(tiles, augmented, masks, valid)
             if not math.isfinite(parts["loss"]):
@@ -314,14 +349,20 @@ class Draem(AnomalyModel):
 
         def step(epoch: int) -> dict[str, float] | None:
             lr = optimiser.param_groups[0]["lr"]
-            totals = self._train_epoch(loader, optimiser, context, mix, rng)
+            totals = self._train_epoch(loader, optimiser, context, mix, rng, generator, epoch)
             if not totals.finished:
                 return None
             schedule.step()
             return totals.metrics(lr)
 
         summary = run_epochs(
-            self, context, step, max_epochs=self.config.max_epochs, loss_key="loss", name="draem"
+            self,
+            context,
+            step,
+            max_epochs=self.config.max_epochs,
+            loss_key="loss",
+            name="draem",
+            validate_every=self.config.validate_every,
         )
         summary["train_tiles"] = float(len(tiles))  # type: ignore[arg-type]
         return summary

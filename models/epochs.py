@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 
 # One epoch of training: its metrics, or None when it did not finish (deadline, NaN loss).
 EpochStep = Callable[[int], dict[str, float] | None]
+
+
+def batches(loader: Iterable[Any], context: FitContext, epoch: int) -> Iterator[Any]:
+    """The loader's batches with a progress bar of their own, gone when the epoch ends: on a
+    CPU one epoch can take minutes, and the epoch bar alone would show nothing for that long.
+    """
+    yield from tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not context.progress)
 
 
 @dataclass
@@ -63,15 +70,21 @@ def run_epochs(
     max_epochs: int,
     loss_key: str,
     name: str,
+    validate_every: int = 1,
 ) -> dict[str, Any]:
-    """Train epoch by epoch under the deadline; restore the best state; return a summary."""
+    """Train epoch by epoch under the deadline; restore the best state; return a summary.
+
+    With a validation criterion, only the first, every ``validate_every``-th and the last epoch
+    are scored and can become the best state: scoring costs inference time.
+    """
     started = time.monotonic()
     best = BestState()
-    epoch_seconds, epochs, stop = 0.0, 0, "max_epochs"
+    train_seconds, validation_seconds, epochs, stop = 0.0, 0.0, 0, "max_epochs"
     model.train()
     with tqdm(total=max_epochs, desc=name, disable=not context.progress) as bar:
         for epoch in range(max_epochs):
-            if context.seconds_left() < epoch_seconds:  # the next epoch would not finish
+            # The next epoch (and its validation) would not finish by the deadline.
+            if context.seconds_left() < train_seconds + validation_seconds:
                 stop = "deadline"
                 break
             epoch_started = time.monotonic()
@@ -79,10 +92,20 @@ def run_epochs(
             if metrics is None:
                 stop = "deadline" if context.seconds_left() <= 0 else "non_finite_loss"
                 break
-            best.offer(criterion(model, metrics, context, loss_key), epoch, model)
-            epoch_seconds = time.monotonic() - epoch_started
+            train_seconds = time.monotonic() - epoch_started
+            # Scored: the first epoch (which also times a validation), every validate_every-th,
+            # and the last one, after which no epoch and its validation would fit.
+            last = epoch == max_epochs - 1 or (
+                context.seconds_left() < train_seconds + validation_seconds
+            )
+            if last or context.validate is None or epoch % validate_every == 0:
+                scored_at = time.monotonic()
+                best.offer(criterion(model, metrics, context, loss_key), epoch, model)
+                if context.validate is not None:
+                    validation_seconds = time.monotonic() - scored_at
             epochs += 1
-            context.report(EpochLog(epoch=epoch, metrics=metrics, seconds=epoch_seconds))
+            seconds = time.monotonic() - epoch_started
+            context.report(EpochLog(epoch=epoch, metrics=metrics, seconds=seconds))
             bar.set_postfix(loss=f"{metrics[loss_key]:.4f}", refresh=False)
             bar.update()
     model.eval()

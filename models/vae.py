@@ -57,7 +57,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from models.base import AnomalyModel, FitContext, ModelConfig, ModelOutput, TileData
-from models.epochs import run_epochs
+from models.epochs import batches, run_epochs
 from models.filters import gaussian_filter
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ class VAE(AnomalyModel):
         """One pass over the tiles; stops early (finished=False) at the deadline or a NaN loss."""
         totals = EpochTotals()
         steps = len(loader)
-        for step, (tiles, valid) in enumerate(loader):
+        for step, (tiles, valid) in enumerate(batches(loader, context, epoch)):
             if context.seconds_left() <= 0:
                 return totals
             beta = kl_weight(self.config, epoch + step / steps)

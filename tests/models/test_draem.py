@@ -145,6 +145,37 @@ def test_validate_chooses_the_state_that_is_restored() -> None:
     assert same_state(model, snapshots[1]) and not same_state(model, snapshots[-1])
 
 
+def test_validate_every_scores_first_every_nth_and_last_epoch() -> None:
+    model = tiny(max_epochs=5, validate_every=2)
+    logs: list[EpochLog] = []
+    scores = iter([0.3, 0.5, 0.4, 0.1])
+    summary = model.fit(woven_tile_set(2), context(logs, validate=lambda _: next(scores)))
+    scored = [log.epoch for log in logs if "val_score" in log.metrics]
+    assert scored == [0, 2, 4] and summary["best_epoch"] == 2 and len(logs) == 5
+
+
+def test_vary_crops_and_skews_training_tiles() -> None:
+    tiles = torch.cat([woven_tile(1), woven_tile(2), woven_tile(3)])
+    valid = torch.ones_like(tiles, dtype=torch.bool)
+    valid[..., :10] = False
+    before, before_valid = tiles.clone(), valid.clone()
+    generator = torch.Generator().manual_seed(0)
+    same, same_valid = tiny().vary(tiles, valid, generator)
+    assert same is tiles and same_valid is valid  # nothing asked: the batch as it is
+    cropped, cropped_valid = tiny(crop_size=24).vary(tiles, valid, generator)
+    assert cropped.shape == (3, 1, 24, 24) and cropped_valid.shape == (3, 1, 24, 24)
+    windows = tiles.unfold(2, 24, 1).unfold(3, 24, 1)  # every 24 x 24 window of each tile
+    for index in range(3):
+        found = (windows[index, 0] == cropped[index, 0]).flatten(2).all(-1)
+        assert found.any()  # each crop is a window of its own tile
+    skewed, skewed_valid = tiny(augment_share=1.0, augment={"shear": 0.5}).vary(
+        tiles, valid, generator
+    )
+    assert skewed.shape == tiles.shape and not torch.equal(skewed, tiles)
+    assert not torch.equal(skewed_valid, valid)  # the fabric mask moves with the weave
+    assert torch.equal(tiles, before) and torch.equal(valid, before_valid)  # not in place
+
+
 def test_fit_past_the_deadline_leaves_the_model_untouched() -> None:
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}

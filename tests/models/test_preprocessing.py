@@ -304,9 +304,16 @@ def test_band_beyond_a_white_border_near_the_end_is_not_fabric() -> None:
     image = woven(64, 1024)
     image[:, :100] = 70  # dark selvage band at the left end
     image[:, 100:110] = 255  # white border line
-    valid = valid_area(image)
+    image[:, -5:] = 255  # and a white border at the right end, with nothing beyond it
+    valid = valid_area(image, ValidAreaSettings(selvage_width=0))
     assert not valid[:, :110].any()  # the band and the border
-    assert valid[:, 110 + 16 + 1 :].all()
+    assert valid[:, 110 + 16 : -5 - 16].all() and not valid[:, -5 - 16 :].any()
+    # By default the selvage stripes on the fabric side of such a border are excluded too.
+    valid = valid_area(image)
+    assert not valid[:, : 110 + 96 + 16].any() and valid[:, 110 + 96 + 16 : -5 - 96 - 16].all()
+    assert not valid[:, -5 - 96 - 16 :].any()
     far = woven(64, 1024)
     far[:, 500:505] = 255  # a white run in the middle claims only itself and its margin
-    assert valid_area(far)[:, :480].all()
+    middle = valid_area(far)
+    assert middle[:, : 500 - 16].all() and not middle[:, 500 - 16 : 505 + 16].any()
+    assert middle[:, 505 + 16 :].all()
