@@ -12,7 +12,8 @@ stay cached (under LOOMWATCH_CACHE) for the next run.
 
 Needs root (chroot builds, mounts), apt-get (podman, debootstrap) and npm (dclint).
 Environment: LOOMWATCH_CACHE (default ~/.cache/loomwatch/container-test), KEEP_IMAGE=1 keeps
-the image, FRESH_BASE=1 rebuilds the base image, DEBIAN_MIRROR, CONTAINER_TEST_PORT.
+the image, REUSE_IMAGE=1 starts a kept image without building, FRESH_BASE=1 rebuilds the base
+image, CONTAINER_TEST_MIN_FREE_GB (40), DEBIAN_MIRROR, CONTAINER_TEST_PORT.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import uuid
@@ -147,10 +149,11 @@ def wheelhouse() -> Path:
     """torch, torchvision and every serving dependency as files, with a PEP 503 index.
 
     Downloaded with this machine's pip configuration (its local wheels, else PyPI), so that the
-    build needs no network. Reused while pyproject.toml and the torch pins are unchanged.
+    build needs no network. Reused while the dependencies and the torch pins are unchanged.
     """
     torch, vision = dockerfile_arg("TORCH_VERSION"), dockerfile_arg("TORCHVISION_VERSION")
-    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + f"{torch} {vision}".encode())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    key = hashlib.sha256(json.dumps([project["dependencies"], torch, vision]).encode())
     wheels, stamp = CACHE / "wheels", CACHE / "wheels/.complete"
     if stamp.exists() and stamp.read_text() == key.hexdigest():
         print(f"{wheels}: up to date, reused")
@@ -207,6 +210,17 @@ def tiny_bundle(work: Path) -> Path:
     return sorted((data / "Defect_images").glob("*.png"))[0]
 
 
+def check_disk() -> None:
+    """The build holds the environment several times over (build stage, final stage, commits):
+    about 35 GB at its peak with PyPI's CUDA torch wheels, the only torch build on hand here."""
+    storage = Path("/var/lib/containers")
+    free = shutil.disk_usage(storage if storage.exists() else "/").free / 1e9
+    needed = float(os.environ.get("CONTAINER_TEST_MIN_FREE_GB", "40"))
+    print(f"free disk for podman: {free:.0f} GB (needs {needed:.0f} GB)")
+    if free < needed:
+        raise ContainerTestError(f"only {free:.0f} GB free; the build needs about {needed:.0f} GB")
+
+
 def build(wheels: Path, work: Path) -> None:
     log = work / "build.log"
     args = [
@@ -241,11 +255,14 @@ def inspect_image() -> dict[str, Any]:
     size = int(info["Size"])
     print(f"image size: {size / 1e9:.2f} GB ({size} bytes)")
     print(f"user: {config.get('User')!r}  workdir: {config.get('WorkingDir')!r}")
-    print(f"cmd: {config.get('Cmd')}  healthcheck: {config.get('Healthcheck', {}).get('Test')}")
+    # podman keeps the Docker-format healthcheck beside the OCI config
+    health = info.get("Healthcheck") or config.get("Healthcheck") or {}
+    info["healthcheck"] = health.get("Test")
+    print(f"cmd: {config.get('Cmd')}  healthcheck: {health}")
     print("env: " + " ".join(e for e in config.get("Env", []) if not e.startswith("PATH=")))
     if str(config.get("User", "")).split(":")[0] in ("", "0", "root"):
         raise ContainerTestError("the image runs as root")
-    if not config.get("Healthcheck", {}).get("Test"):
+    if not info["healthcheck"]:
         raise ContainerTestError("the image has no HEALTHCHECK (built in OCI format?)")
     return info
 
@@ -269,12 +286,30 @@ class Mounted:
         try:
             self._mount(["--bind", "/proc"], "proc")
             self._mount(["--bind", "/dev"], "dev")
+            self._mount(["-t", "tmpfs", "-o", "mode=1777", "tmpfs"], "dev/shm")
             self._mount(["-t", "tmpfs", "-o", "mode=1777", "tmpfs"], "tmp")
-            home_options = "uid=10001,gid=10001,mode=0755"
-            self._mount(["-t", "tmpfs", "-o", home_options, "tmpfs"], "var/lib/loomwatch")
+            self._writable_home()
         except BaseException:
             self.close()
             raise
+
+    def _writable_home(self) -> None:
+        """A tmpfs over /var/lib/loomwatch with the image's folders and owners in it, as a
+        container's writable layer (and a new named volume) would show them."""
+        home = self.root / "var/lib/loomwatch"
+        folders = [(p.relative_to(home), p.stat()) for p in home.rglob("*") if p.is_dir()]
+        owner = home.stat()
+        options = f"uid={owner.st_uid},gid={owner.st_gid},mode=0755"
+        self._mount(["-t", "tmpfs", "-o", options, "tmpfs"], "var/lib/loomwatch")
+        for relative, stat in sorted(folders):
+            (home / relative).mkdir()
+            os.chown(home / relative, stat.st_uid, stat.st_gid)
+
+    def hosts(self, work: Path, names: str) -> None:
+        """Resolve the compose service names to loopback, as compose's network would."""
+        hosts = work / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost {names}\n")
+        self._mount(["--bind", str(hosts)], "etc/hosts")
 
     def _mount(self, how: list[str], where: str) -> None:
         run(["mount", *how, self.root / where], quiet=True)
@@ -365,7 +400,7 @@ def serve_and_query(info: dict[str, Any], strip: Path, work: Path) -> None:
         print(f"server process: uid {uid}, VmRSS {rss}")
         if uid == "0":
             raise ContainerTestError("the server runs as root")
-        check = info["Config"]["Healthcheck"]["Test"]
+        check = info["healthcheck"]
         probe = check[1:] if check[0] == "CMD" else ["/bin/sh", "-c", check[1]]
         run(image_process(mounted, info, probe), env=env, quiet=True)
         print("HEALTHCHECK command: exit 0")
@@ -377,6 +412,133 @@ def serve_and_query(info: dict[str, Any], strip: Path, work: Path) -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+        mounted.close()
+
+
+# ---- docker-compose.yml, played from the image ---------------------------------------------
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's variable substitution: ${VAR}, ${VAR:-default}, ${VAR-default}, $$."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, operator, default = match.group(1), match.group(2), match.group(3) or ""
+        if operator == ":-":
+            return env.get(name) or default
+        return env.get(name, default if operator == "-" else "")
+
+    return re.sub(r"\$\$|\$\{(\w+)(?:(:?-)([^}]*))?\}", substitute, value)
+
+
+class Services:
+    """The compose services as processes of the image, in a network namespace of their own
+    (loopback only), so that their fixed ports (5000, 8000) meet nothing on this machine."""
+
+    def __init__(self, mounted: Mounted, info: dict[str, Any], work: Path) -> None:
+        self.mounted, self.info, self.work = mounted, info, work
+        self.namespace = subprocess.Popen(["unshare", "--net", "sleep", "3600"])
+        self.netns = f"--net=/proc/{self.namespace.pid}/ns/net"
+        self.running: list[subprocess.Popen[bytes]] = []
+        time.sleep(0.5)
+        run(["nsenter", self.netns, "ip", "link", "set", "lo", "up"], quiet=True)
+
+    def command(self, command: Sequence[str]) -> list[str]:
+        return ["nsenter", self.netns, *image_process(self.mounted, self.info, command)]
+
+    def start(self, name: str, command: Sequence[str], env: dict[str, str]) -> Path:
+        log = self.work / f"{name}.log"
+        print(f"{name}: $ {shlex.join(command)}", flush=True)
+        with open(log, "wb") as stream:
+            process = subprocess.Popen(
+                self.command(command), env=env, stdout=stream, stderr=subprocess.STDOUT
+            )
+        self.running.append(process)
+        return log
+
+    def curl(self, *args: str) -> str:
+        result = subprocess.run(
+            ["nsenter", self.netns, "curl", "-sS", "--max-time", "120", *args],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        return result.stdout if result.returncode == 0 else ""
+
+    def close(self) -> None:
+        for process in reversed(self.running):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.namespace.kill()
+        self.namespace.wait()
+
+
+def compose_flow(info: dict[str, Any], strip: Path, work: Path) -> None:
+    """mlflow (until its healthcheck passes), trainer (to completion), api (until ready, then
+    /predict): each with the compose file's command, environment and volumes' folders."""
+    import yaml  # the project's dependency (PyYAML), in this venv
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    variables = {"TRAIN_MAX_MINUTES": "1"}  # a short budget; everything else as defaulted
+    print(f"variables: {variables} (others: the file's defaults)")
+
+    def environment(service: str) -> dict[str, str]:
+        given = compose["services"][service].get("environment", {})
+        own = {key: interpolate(str(value), variables) for key, value in given.items()}
+        return image_env(info) | own
+
+    def command(service: str) -> list[str]:
+        given = compose["services"][service].get("command") or info["Config"]["Cmd"]
+        return [interpolate(str(part), variables) for part in given]
+
+    mounted = Mounted()
+    services: Services | None = None
+    try:
+        mounted.hosts(work, " ".join(compose["services"]))
+        services = Services(mounted, info, work)
+        log = services.start("mlflow", command("mlflow"), environment("mlflow"))
+        probe = compose["services"]["mlflow"]["healthcheck"]["test"][1:]
+        deadline = time.monotonic() + 180
+        while subprocess.run(
+            services.command(probe), env=image_env(info), capture_output=True, check=False
+        ).returncode:
+            if time.monotonic() > deadline or services.running[0].poll() is not None:
+                print(log.read_text()[-3000:])
+                raise ContainerTestError("the mlflow service never became healthy")
+            time.sleep(2)
+        print("mlflow: healthy (its compose healthcheck passed)")
+
+        trainer = subprocess.run(
+            services.command(command("trainer")), env=environment("trainer"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, check=False,
+        )  # fmt: skip
+        lines = [line for line in trainer.stdout.splitlines() if "WARNING" not in line]
+        print("trainer: " + "\n  ".join(lines[-8:]))
+        promoted = any(line.startswith("promoted") for line in lines)  # not "not promoted"
+        if trainer.returncode or not promoted:
+            raise ContainerTestError(f"the trainer failed (exit status {trainer.returncode})")
+
+        api_log = services.start("api", command("api"), environment("api"))
+        deadline = time.monotonic() + 240
+        while not (ready := services.curl("-f", "http://127.0.0.1:8000/ready")):
+            if time.monotonic() > deadline or services.running[-1].poll() is not None:
+                print(api_log.read_text()[-3000:])
+                raise ContainerTestError("the api service never became ready")
+            time.sleep(2)
+        print(f"api: GET /ready: {ready.strip()}")
+        answer = services.curl("-F", f"file=@{strip}", "http://127.0.0.1:8000/predict?mask=none")
+        result = json.loads(answer or "{}")
+        shown = {key: result.get(key) for key in ("model", "decision", "score")}
+        print(f"api: POST /predict: {json.dumps(shown)}")
+        if "decision" not in json.dumps(result):
+            raise ContainerTestError(f"/predict through the registry failed: {answer[:300]}")
+    finally:
+        if services is not None:
+            services.close()
         mounted.close()
 
 
@@ -412,11 +574,17 @@ def main() -> int:
             strip = tiny_bundle(work)
         with stage("podman build"):
             built = True
-            build(wheels, work)
+            if os.environ.get("REUSE_IMAGE") == "1" and podman_ok("image", "exists", IMAGE):
+                print(f"{IMAGE}: present, reused (REUSE_IMAGE=1)")
+            else:
+                check_disk()
+                build(wheels, work)
         with stage("inspect"):
             info = inspect_image()
         with stage("start the image's file system; /health, /ready, /predict"):
             serve_and_query(info, strip, work)
+        with stage("docker-compose.yml from the image: mlflow, trainer, api"):
+            compose_flow(info, strip, work)
     except (ContainerTestError, KeyboardInterrupt) as exc:
         print(f"\ncontainer test FAILED: {exc or 'interrupted'}", file=sys.stderr)
         return 1
