@@ -48,7 +48,7 @@ container-test: $(STAMP)
 
 ## Reliability: load (1, 4 and 4 x workers clients; a 2,000-request leak check), fuzzing
 ## (500+ schemathesis cases), hostile uploads and faults, then one summary table
-## (README "Reliability"). Long: about 40 minutes on 2 shared cores. Not in CI.
+## (README "Reliability"). Long: about 17 minutes on 2 shared cores. Not in CI.
 reliability: $(STAMP)
 	$(BIN)/python -m bench.reliability $(RELIABILITY_ARGS)
 

@@ -154,5 +154,7 @@ def test_loomwatch_serve_answers_on_a_loopback_port(
         assert response.status_code == 200, response.text
         assert response.json()["decision"] == "anomalous"
         assert response.json()["request_id"] == response.headers["x-request-id"]
+        assert "server" not in response.headers  # uvicorn's banner is switched off
+        assert response.headers["x-content-type-options"] == "nosniff"
         assert server.stop() == 0, server.output
     assert (tmp_path / "inference.jsonl").read_text().count("\n") == 1
