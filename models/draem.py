@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 class DraemConfig(ModelConfig):
     # networks
-    recon_channels: int = Field(default=32, ge=1, description="paper: 128")
+    recon_channels: int = Field(default=16, ge=1, description="paper: 128")
     disc_channels: int = Field(default=16, ge=1, description="paper: 64")
     recon_depth: int = Field(default=4, ge=1, le=6, description="max-pool levels (paper: 4)")
     disc_depth: int = Field(default=4, ge=1, le=6, description="max-pool levels (paper: 5)")
@@ -74,13 +74,15 @@ class DraemConfig(ModelConfig):
     lr_gamma: float = Field(default=0.2, gt=0.0)
     texture_tiles: int = Field(default=64, ge=0, description="training tiles kept as textures")
     crop_size: int = Field(
-        default=0, ge=0, description="train on random square crops of this size; 0: whole tiles"
+        default=128, ge=0, description="train on random square crops of this size; 0: whole tiles"
     )
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augment: AugmentConfig = Field(
+        default_factory=lambda: AugmentConfig(shear=0.9, rotation=0.0, scale=0.03)
+    )
     augment_share: float = Field(
-        default=0.0, ge=0.0, le=1.0, description="share of training tiles skewed/stretched"
+        default=0.5, ge=0.0, le=1.0, description="share of training tiles skewed/stretched"
     )
-    validate_every: int = Field(default=1, ge=1, description="epochs between validation scores")
+    validate_every: int = Field(default=2, ge=1, description="epochs between validation scores")
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     # scoring
     smoothing_sigma: float = Field(default=0.0, ge=0.0)

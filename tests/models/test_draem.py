@@ -63,8 +63,9 @@ def test_presets_are_valid_configs() -> None:
     assert (config.recon_channels, config.disc_channels, config.lr) == (128, 64, 1e-4)
     assert (config.max_epochs, config.lr_steps, config.lr_gamma) == (700, [0.8, 0.9], 0.2)
     assert paper["pipeline"]["tile_size"] == 256 and paper["pipeline"]["batch_size"] == 8
+    assert (config.crop_size, config.augment_share) == (0, 0.0)
     cpu = yaml.safe_load((ROOT / "training/configs/draem-cpu.yaml").read_text())
-    DraemConfig.model_validate(cpu["model"])
+    assert DraemConfig.model_validate(cpu["model"]) == DraemConfig()  # the preset is the default
 
 
 def test_focal_loss_by_hand() -> None:
