@@ -28,6 +28,9 @@ TINY: dict[str, object] = {
     "disc_depth": 3,
     "lr": 3e-3,
     "score_pool": 5,
+    "crop_size": 0,  # whole tiles, none skewed, validation each epoch, unless a test asks
+    "augment_share": 0.0,
+    "validate_every": 1,
 }
 CAL = Calibration(image_threshold=0.5, image_min=0.0, image_max=1.0, pixel_threshold=0.5,
                   pixel_min=0.0, pixel_max=1.0, method="test")  # fmt: skip
