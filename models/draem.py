@@ -8,11 +8,12 @@ Read top to bottom: the networks, the loss, fitting (with synthesis), scoring.
 Choices, and why:
 
 - Networks as in the paper, sized by ``recon_channels`` and ``disc_channels`` (paper 128 / 64;
-  default 16 / 16 for a CPU, chosen by measurement: README, "DRAEM on AITEX"). Reconstructive: an encoder of
-  ``recon_depth`` max-pool levels (channels doubling up to 8x the base) and a decoder without
-  skip connections, so it cannot copy a defect through. Discriminative: a U-Net with skips on
-  concat(input, reconstruction), two output classes (fabric, anomaly). GroupNorm instead of the
-  paper's BatchNorm: no batch statistics, so fitting and scoring compute the same function.
+  default 16 / 16 for a CPU, chosen by measurement: README, "DRAEM on AITEX"). Reconstructive:
+  an encoder of ``recon_depth`` max-pool levels (channels doubling up to 8x the base) and a
+  decoder without skip connections, so it cannot copy a defect through. Discriminative: a
+  U-Net with skips on concat(input, reconstruction), two output classes (fabric, anomaly).
+  GroupNorm instead of the paper's BatchNorm: no batch statistics, so fitting and scoring
+  compute the same function.
   Tiles whose size is not a multiple of the coarsest level are padded and cropped back.
 - Input: ``input_norm: tile`` standardises each tile by its fabric median and MAD (see
   models/vae.py: the fabric is low contrast and its brightness drifts); padding is set to the
@@ -45,6 +46,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -57,7 +59,7 @@ from torch.utils.data import DataLoader
 
 from models.augment import AugmentConfig, random_affine
 from models.base import AnomalyModel, FitContext, ModelConfig, ModelOutput, TileData
-from models.epochs import batches, run_epochs
+from models.epochs import EpochOutcome, batches, run_epochs
 from models.synthesis import SynthesisConfig, SynthesisMix
 from models.vae import Normalised, normalise, smooth_on_fabric, ssim_map
 
@@ -209,6 +211,7 @@ class EpochTotals:
     focal: float = 0.0
     batches: int = 0
     finished: bool = False
+    non_finite: bool = False
 
     def add(self, parts: dict[str, float]) -> None:
         self.loss += parts["loss"]
@@ -319,17 +322,19 @@ class Draem(AnomalyModel):
         rng: np.random.Generator,
         generator: torch.Generator,
         epoch: int,
+        stop_at: float,
     ) -> EpochTotals:
-        """One pass over the tiles; stops early (finished=False) at the deadline or a NaN loss."""
+        """One pass over the tiles; stops early (finished=False) at ``stop_at`` or a NaN loss."""
         totals = EpochTotals()
         for tiles, valid in batches(loader, context, epoch):
-            if context.seconds_left() <= 0:
+            if time.monotonic() >= stop_at:
                 return totals
             tiles, valid = self.vary(tiles, valid, generator)
             augmented, masks = self.synthesise(tiles, valid, mix, rng)
             loss, parts = self.loss(tiles, augmented, masks, valid)
             if not math.isfinite(parts["loss"]):
                 log.warning("DRAEM loss is not finite; fitting stops")
+                totals.non_finite = True
                 return totals
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -356,13 +361,16 @@ class Draem(AnomalyModel):
         milestones = sorted({int(step * self.config.max_epochs) for step in self.config.lr_steps})
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, self.config.lr_gamma)
 
-        def step(epoch: int) -> dict[str, float] | None:
+        def step(epoch: int, stop_at: float) -> EpochOutcome | None:
             lr = optimiser.param_groups[0]["lr"]
-            totals = self._train_epoch(loader, optimiser, context, mix, rng, generator, epoch)
-            if not totals.finished:
+            totals = self._train_epoch(
+                loader, optimiser, context, mix, rng, generator, epoch, stop_at
+            )
+            if totals.non_finite:
                 return None
-            schedule.step()
-            return totals.metrics(lr)
+            if totals.finished:
+                schedule.step()
+            return EpochOutcome(totals.metrics(lr), totals.batches, totals.finished)
 
         summary = run_epochs(
             self,
@@ -371,6 +379,7 @@ class Draem(AnomalyModel):
             max_epochs=self.config.max_epochs,
             loss_key="loss",
             name="draem",
+            steps_per_epoch=len(loader),
             validate_every=self.config.validate_every,
         )
         summary["train_tiles"] = float(len(tiles))  # type: ignore[arg-type]

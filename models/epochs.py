@@ -1,10 +1,13 @@
 """The epoch loop shared by the models that train by gradient descent (VAE, DRAEM).
 
-It runs epochs until ``max_epochs`` or the deadline (an epoch that the last one's duration says
-cannot finish is not started; one cut short is discarded), keeps the best state by the
-validation criterion (``FitContext.validate``, higher is better) or else by the lowest value of
-a loss the model names, reports one :class:`EpochLog` per epoch, shows progress, and restores
-the best state at the end.
+It runs epochs until ``max_epochs`` or the deadline, keeps the best state by the validation
+criterion (``FitContext.validate``, higher is better) or else by the lowest value of a loss the
+model names, reports one :class:`EpochLog` per epoch, shows progress, and restores the best
+state at the end. Training time is not thrown away: the epoch the deadline cuts short counts
+(its metrics are the mean over the batches it ran, ``epoch_fraction`` says how many), and the
+time the last validation took is kept back from training so that the final state is scored
+before the deadline too. On a loaded CPU one DRAEM epoch can take minutes; discarding the
+unfinished one had left a 15-minute budget with a single epoch.
 """
 
 from __future__ import annotations
@@ -24,8 +27,20 @@ from models.base import EpochLog, FitContext
 
 log = logging.getLogger(__name__)
 
-# One epoch of training: its metrics, or None when it did not finish (deadline, NaN loss).
-EpochStep = Callable[[int], dict[str, float] | None]
+
+@dataclass
+class EpochOutcome:
+    """What one (possibly cut short) epoch of training did: its mean metrics over ``batches``
+    batches, and whether it ran to the end of the data."""
+
+    metrics: dict[str, float]
+    batches: int
+    finished: bool
+
+
+# One epoch of training, ``(epoch, stop_at)`` -> its outcome; the epoch stops before a batch
+# that would start at or after ``stop_at`` (time.monotonic()). None: the loss was not finite.
+EpochStep = Callable[[int, float], EpochOutcome | None]
 
 
 def batches(loader: Iterable[Any], context: FitContext, epoch: int) -> Iterator[Any]:
@@ -70,6 +85,7 @@ def run_epochs(
     max_epochs: int,
     loss_key: str,
     name: str,
+    steps_per_epoch: int,
     validate_every: int = 1,
 ) -> dict[str, Any]:
     """Train epoch by epoch under the deadline; restore the best state; return a summary.
@@ -79,35 +95,40 @@ def run_epochs(
     """
     started = time.monotonic()
     best = BestState()
-    train_seconds, validation_seconds, epochs, stop = 0.0, 0.0, 0, "max_epochs"
+    reserve, epochs, stop = 0.0, 0, "max_epochs"  # reserve: seconds kept for the last score
     model.train()
     with tqdm(total=max_epochs, desc=name, disable=not context.progress) as bar:
         for epoch in range(max_epochs):
-            # The next epoch (and its validation) would not finish by the deadline.
-            if context.seconds_left() < train_seconds + validation_seconds:
+            if context.seconds_left() <= reserve:
                 stop = "deadline"
                 break
             epoch_started = time.monotonic()
-            metrics = step(epoch)
-            if metrics is None:
-                stop = "deadline" if context.seconds_left() <= 0 else "non_finite_loss"
+            outcome = step(epoch, epoch_started + context.seconds_left() - reserve)
+            if outcome is None:
+                stop = "non_finite_loss"
                 break
-            train_seconds = time.monotonic() - epoch_started
+            if outcome.batches == 0:
+                stop = "deadline"
+                break
+            metrics = dict(outcome.metrics)
+            if not outcome.finished:
+                metrics["epoch_fraction"] = outcome.batches / max(steps_per_epoch, 1)
             # Scored: the first epoch (which also times a validation), every validate_every-th,
-            # and the last one, after which no epoch and its validation would fit.
-            last = epoch == max_epochs - 1 or (
-                context.seconds_left() < train_seconds + validation_seconds
-            )
+            # and the last one (cut short by the deadline, or the last of max_epochs).
+            last = not outcome.finished or epoch == max_epochs - 1
             if last or context.validate is None or epoch % validate_every == 0:
                 scored_at = time.monotonic()
                 best.offer(criterion(model, metrics, context, loss_key), epoch, model)
                 if context.validate is not None:
-                    validation_seconds = time.monotonic() - scored_at
+                    reserve = time.monotonic() - scored_at
             epochs += 1
             seconds = time.monotonic() - epoch_started
             context.report(EpochLog(epoch=epoch, metrics=metrics, seconds=seconds))
             bar.set_postfix(loss=f"{metrics[loss_key]:.4f}", refresh=False)
             bar.update()
+            if not outcome.finished:
+                stop = "deadline"
+                break
     model.eval()
     if best.epoch >= 0:
         model.load_state_dict(best.state)

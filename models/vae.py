@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -57,7 +58,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from models.base import AnomalyModel, FitContext, ModelConfig, ModelOutput, TileData
-from models.epochs import batches, run_epochs
+from models.epochs import EpochOutcome, batches, run_epochs
 from models.filters import gaussian_filter
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ class EpochTotals:
     beta: float = 0.0
     batches: int = 0
     finished: bool = False
+    non_finite: bool = False
 
     def add(self, loss: float, recon: float, kl: float, beta: float) -> None:
         self.loss, self.recon, self.kl = self.loss + loss, self.recon + recon, self.kl + kl
@@ -297,17 +299,19 @@ class VAE(AnomalyModel):
         optimiser: torch.optim.Optimizer,
         context: FitContext,
         generator: torch.Generator,
+        stop_at: float,
     ) -> EpochTotals:
-        """One pass over the tiles; stops early (finished=False) at the deadline or a NaN loss."""
+        """One pass over the tiles; stops early (finished=False) at ``stop_at`` or a NaN loss."""
         totals = EpochTotals()
         steps = len(loader)
         for step, (tiles, valid) in enumerate(batches(loader, context, epoch)):
-            if context.seconds_left() <= 0:
+            if time.monotonic() >= stop_at:
                 return totals
             beta = kl_weight(self.config, epoch + step / steps)
             loss, recon, kl = self._train_step(tiles, valid, beta, optimiser, generator)
             if not math.isfinite(loss):
                 log.warning("VAE loss is not finite at epoch %d; fitting stops", epoch)
+                totals.non_finite = True
                 return totals
             totals.add(loss, recon, kl, beta)
         totals.finished = True
@@ -322,12 +326,20 @@ class VAE(AnomalyModel):
         )
         optimiser = torch.optim.Adam(self.parameters(), lr=self.config.lr)
 
-        def step(epoch: int) -> dict[str, float] | None:
-            totals = self._train_epoch(loader, epoch, optimiser, context, generator)
-            return totals.metrics(self.config.beta) if totals.finished else None
+        def step(epoch: int, stop_at: float) -> EpochOutcome | None:
+            totals = self._train_epoch(loader, epoch, optimiser, context, generator, stop_at)
+            if totals.non_finite:
+                return None
+            return EpochOutcome(totals.metrics(self.config.beta), totals.batches, totals.finished)
 
         summary = run_epochs(
-            self, context, step, max_epochs=self.config.max_epochs, loss_key="neg_elbo", name="vae"
+            self,
+            context,
+            step,
+            max_epochs=self.config.max_epochs,
+            loss_key="neg_elbo",
+            name="vae",
+            steps_per_epoch=len(loader),
         )
         summary["train_tiles"] = float(len(tiles))  # type: ignore[arg-type]
         return summary

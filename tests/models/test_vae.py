@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,35 +124,6 @@ def test_validate_chooses_the_state_that_is_restored() -> None:
     assert summary["best_epoch"] == 1 and len(snapshots) == 4
     assert [log.metrics["val_score"] for log in logs] == [0.2, 0.9, 0.1, 0.3]
     assert same_state(model, snapshots[1]) and not same_state(model, snapshots[-1])
-
-
-@dataclass
-class Countdown(FitContext):
-    """A clock that runs out after a number of looks at it, whatever the machine's speed."""
-
-    looks: int = 0
-
-    def seconds_left(self) -> float:
-        self.looks -= 1
-        return math.inf if self.looks >= 0 else -1.0
-
-
-def test_deadline_mid_epoch_keeps_the_best_finished_epoch() -> None:
-    model = tiny(max_epochs=10)
-    snapshots: list[dict[str, torch.Tensor]] = []
-
-    def validate(candidate: AnomalyModel) -> float:
-        snapshots.append({k: v.clone() for k, v in candidate.state_dict().items()})
-        return [0.2, 0.9][len(snapshots) - 1]
-
-    logs: list[EpochLog] = []
-    # 16 tiles in batches of 4: one look before each epoch and one before each batch, so the
-    # clock runs out before the third batch of the third epoch.
-    context = Countdown(looks=5 + 5 + 3, callback=logs.append, validate=validate,
-                        progress=False, batch_size=4)  # fmt: skip
-    summary = model.fit(woven_tile_set(4), context)
-    assert summary["stopped_at_deadline"] == 1.0 and summary["epochs"] == 2 == len(logs)
-    assert summary["best_epoch"] == 1 and same_state(model, snapshots[1])
 
 
 def test_fit_returns_by_a_real_deadline() -> None:

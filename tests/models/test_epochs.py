@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from models.base import EpochLog, FitContext
+from models.epochs import EpochOutcome, EpochStep, run_epochs
+
+
+def marked_step(model: nn.Linear, cut_at: int, stops: list[float]) -> EpochStep:
+    """A stand-in epoch: writes its number into the weight; the epoch `cut_at` is cut short."""
+
+    def step(epoch: int, stop_at: float) -> EpochOutcome:
+        stops.append(stop_at)
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        finished = epoch < cut_at
+        return EpochOutcome({"loss": 1.0 / (epoch + 1)}, 4 if finished else 1, finished)
+
+    return step
+
+
+def test_an_epoch_cut_short_is_scored_and_can_be_the_best() -> None:
+    model = nn.Linear(1, 1)
+    scores = iter([0.2, 0.5, 0.9])
+    logs: list[EpochLog] = []
+    context = FitContext(callback=logs.append, progress=False,
+                         validate=lambda _: next(scores))  # fmt: skip
+    summary = run_epochs(model, context, marked_step(model, 2, []), max_epochs=10,
+                         loss_key="loss", name="test", steps_per_epoch=4)  # fmt: skip
+    assert summary["epochs"] == 3 and summary["stopped_at_deadline"] == 1.0
+    assert summary["best_epoch"] == 2 and model.weight.item() == 2.0  # the cut-short epoch won
+    assert logs[2].metrics["epoch_fraction"] == 0.25 and "epoch_fraction" not in logs[1].metrics
+
+
+def test_validate_every_and_the_time_kept_for_the_last_score() -> None:
+    model = nn.Linear(1, 1)
+    scored: list[int] = []
+
+    def validate(_: nn.Module) -> float:
+        scored.append(int(model.weight.item()))
+        time.sleep(0.2)
+        return 0.1 * len(scored)
+
+    stops: list[float] = []
+    deadline = time.monotonic() + 100.0
+    context = FitContext(deadline=deadline, progress=False, validate=validate)
+    summary = run_epochs(model, context, marked_step(model, 4, stops), max_epochs=10,
+                         loss_key="loss", name="test", steps_per_epoch=4,
+                         validate_every=3)  # fmt: skip
+    assert scored == [0, 3, 4] and summary["best_epoch"] == 4  # first, every third, last
+    assert stops[0] >= deadline - 0.05  # nothing scored yet: nothing kept back
+    assert all(stop <= deadline - 0.2 for stop in stops[1:])  # a validation's time kept back
+
+
+def test_no_criterion_keeps_the_lowest_loss_and_a_passed_deadline_trains_nothing() -> None:
+    model = nn.Linear(1, 1)
+    summary = run_epochs(model, FitContext(progress=False), marked_step(model, 99, []),
+                         max_epochs=3, loss_key="loss", name="test", steps_per_epoch=4)  # fmt: skip
+    assert summary["best_epoch"] == 2 and summary["stopped_at_deadline"] == 0.0
+    stops: list[float] = []
+    context = FitContext(deadline=time.monotonic() - 1.0, progress=False)
+    summary = run_epochs(model, context, marked_step(model, 99, stops), max_epochs=3,
+                         loss_key="loss", name="test", steps_per_epoch=4)  # fmt: skip
+    assert stops == [] and summary["epochs"] == 0 and summary["stopped_at_deadline"] == 1.0
