@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from models.base import AnomalyModel, EpochLog, FitContext
 from models.bundle import Manifest, PipelineConfig, load_bundle, save_bundle
 from models.calibration import Calibration
-from models.draem import Draem, DraemConfig, focal_loss, pooled_max_scores
+from models.draem import Draem, DraemConfig, focal_loss, pooled_max_scores, scheduled_lr
 from models.pipeline import Detector
 from models.registry import model_class
 from models.synthesis import SynthesisMix
@@ -178,6 +178,18 @@ def test_vary_crops_and_skews_training_tiles() -> None:
     assert skewed.shape == tiles.shape and not torch.equal(skewed, tiles)
     assert not torch.equal(skewed_valid, valid)  # the fabric mask moves with the weave
     assert torch.equal(tiles, before) and torch.equal(valid, before_valid)  # not in place
+
+
+def test_learning_rate_steps_by_epochs_or_by_the_time_budget() -> None:
+    config = DraemConfig(lr=1e-3, lr_steps=[0.8, 0.9], lr_gamma=0.2)
+    lrs = [scheduled_lr(config, p) for p in (0.0, 0.79, 0.8, 0.95)]
+    assert lrs == pytest.approx([1e-3, 1e-3, 2e-4, 4e-5])
+    model = tiny(max_epochs=2, lr_steps=[0.8, 0.9])
+    logs: list[EpochLog] = []
+    # 92 % of a 1000 s budget already spent: both steps passed, whatever the epoch count says.
+    spent = context(logs, deadline=time.monotonic() + 80.0, budget_seconds=1000.0)
+    model.fit(woven_tile_set(2), spent)
+    assert [log.metrics["lr"] for log in logs] == pytest.approx([3e-3 * 0.2**2] * 2)
 
 
 def test_fit_past_the_deadline_leaves_the_model_untouched() -> None:
