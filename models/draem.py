@@ -50,7 +50,6 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -62,7 +61,7 @@ from torch.utils.data import DataLoader
 
 from models.augment import AugmentConfig, random_affine
 from models.base import AnomalyModel, FitContext, ModelConfig, ModelOutput, TileData
-from models.epochs import EpochOutcome, batches, run_epochs
+from models.epochs import EpochOutcome, EpochTotals, batches, run_epochs
 from models.synthesis import SynthesisConfig, SynthesisMix
 from models.vae import Normalised, normalise, smooth_on_fabric, ssim_map
 
@@ -208,30 +207,6 @@ def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the model --------------------------------------------------------------------------------
-@dataclass
-class EpochTotals:
-    loss: float = 0.0
-    l2: float = 0.0
-    ssim: float = 0.0
-    focal: float = 0.0
-    batches: int = 0
-    finished: bool = False
-    non_finite: bool = False
-    lr: float = 0.0  # of the last batch
-
-    def add(self, parts: dict[str, float]) -> None:
-        self.loss += parts["loss"]
-        self.l2 += parts["l2"]
-        self.ssim += parts["ssim"]
-        self.focal += parts["focal"]
-        self.batches += 1
-
-    def metrics(self, lr: float) -> dict[str, float]:
-        count = max(self.batches, 1)
-        return {"loss": self.loss / count, "l2": self.l2 / count, "ssim_loss": self.ssim / count,
-                "focal": self.focal / count, "lr": lr}  # fmt: skip
-
-
 class Draem(AnomalyModel):
     model_type = "draem"
     config_class = DraemConfig
@@ -316,7 +291,8 @@ class Draem(AnomalyModel):
         ssim = 1.0 - masked_mean(ssim_map(target, x_hat, self.config.ssim_sigma), weight)
         focal = focal_loss(logits, mask, self.config.focal_gamma, weight)
         total = l2 + self.config.ssim_weight * ssim + focal
-        parts = {"loss": total.item(), "l2": l2.item(), "ssim": ssim.item(), "focal": focal.item()}
+        parts = {"loss": total.item(), "l2": l2.item(), "ssim_loss": ssim.item(),
+                 "focal": focal.item()}  # fmt: skip
         return total, parts
 
     def _train_epoch(
@@ -339,9 +315,9 @@ class Draem(AnomalyModel):
             progress = max(
                 (epoch + index / steps) / self.config.max_epochs, 1 - context.budget_left()
             )
-            totals.lr = scheduled_lr(self.config, progress)
+            lr = scheduled_lr(self.config, progress)
             for group in optimiser.param_groups:
-                group["lr"] = totals.lr
+                group["lr"] = lr
             tiles, valid = self.vary(tiles, valid, generator)
             augmented, masks = self.synthesise(tiles, valid, mix, rng)
             loss, parts = self.loss(tiles, augmented, masks, valid)
@@ -352,7 +328,7 @@ class Draem(AnomalyModel):
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            totals.add(parts)
+            totals.add(parts, last={"lr": lr})
         totals.finished = True
         return totals
 
@@ -376,9 +352,7 @@ class Draem(AnomalyModel):
             totals = self._train_epoch(
                 loader, optimiser, context, mix, rng, generator, epoch, stop_at
             )
-            if totals.non_finite:
-                return None
-            return EpochOutcome(totals.metrics(totals.lr), totals.batches, totals.finished)
+            return totals.outcome()
 
         summary = run_epochs(
             self,

@@ -38,6 +38,32 @@ class EpochOutcome:
     finished: bool
 
 
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch's per-batch metrics, reported as means over the batches run;
+    ``last`` holds values reported as they were at the last batch (learning rate, KL weight)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+    batches: int = 0
+    finished: bool = False
+    non_finite: bool = False
+
+    def add(self, values: dict[str, float], last: dict[str, float] | None = None) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.last.update(last or {})
+        self.batches += 1
+
+    def outcome(self) -> EpochOutcome | None:
+        """The epoch's outcome; None when a loss was not finite."""
+        if self.non_finite:
+            return None
+        count = max(self.batches, 1)
+        metrics = {key: value / count for key, value in self.sums.items()} | self.last
+        return EpochOutcome(metrics, self.batches, self.finished)
+
+
 # One epoch of training, ``(epoch, stop_at)`` -> its outcome; the epoch stops before a batch
 # that would start at or after ``stop_at`` (time.monotonic()). None: the loss was not finite.
 EpochStep = Callable[[int, float], EpochOutcome | None]

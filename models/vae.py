@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from models.base import AnomalyModel, FitContext, ModelConfig, ModelOutput, TileData
-from models.epochs import EpochOutcome, batches, run_epochs
+from models.epochs import EpochOutcome, EpochTotals, batches, run_epochs
 from models.filters import gaussian_filter
 
 log = logging.getLogger(__name__)
@@ -205,33 +205,6 @@ def kl_weight(config: VAEConfig, progress_epochs: float) -> float:
 
 
 # ---- the model --------------------------------------------------------------------------------
-@dataclass
-class EpochTotals:
-    loss: float = 0.0
-    recon: float = 0.0
-    kl: float = 0.0
-    beta: float = 0.0
-    batches: int = 0
-    finished: bool = False
-    non_finite: bool = False
-
-    def add(self, loss: float, recon: float, kl: float, beta: float) -> None:
-        self.loss, self.recon, self.kl = self.loss + loss, self.recon + recon, self.kl + kl
-        self.beta = beta
-        self.batches += 1
-
-    def metrics(self, target_beta: float) -> dict[str, float]:
-        count = max(self.batches, 1)
-        recon, kl = self.recon / count, self.kl / count
-        return {
-            "loss": self.loss / count,
-            "recon": recon,
-            "kl": kl,
-            "beta": self.beta,
-            "neg_elbo": recon + target_beta * kl,  # at the full beta: comparable across epochs
-        }
-
-
 class VAE(AnomalyModel):
     model_type = "vae"
     config_class = VAEConfig
@@ -313,7 +286,10 @@ class VAE(AnomalyModel):
                 log.warning("VAE loss is not finite at epoch %d; fitting stops", epoch)
                 totals.non_finite = True
                 return totals
-            totals.add(loss, recon, kl, beta)
+            # neg_elbo at the full beta: comparable across epochs of the warm-up
+            neg_elbo = recon + self.config.beta * kl
+            totals.add({"loss": loss, "recon": recon, "kl": kl, "neg_elbo": neg_elbo},
+                       last={"beta": beta})  # fmt: skip
         totals.finished = True
         return totals
 
@@ -328,9 +304,7 @@ class VAE(AnomalyModel):
 
         def step(epoch: int, stop_at: float) -> EpochOutcome | None:
             totals = self._train_epoch(loader, epoch, optimiser, context, generator, stop_at)
-            if totals.non_finite:
-                return None
-            return EpochOutcome(totals.metrics(self.config.beta), totals.batches, totals.finished)
+            return totals.outcome()
 
         summary = run_epochs(
             self,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from models.base import EpochLog, FitContext
-from models.epochs import EpochOutcome, EpochStep, run_epochs
+from models.epochs import EpochOutcome, EpochStep, EpochTotals, run_epochs
 
 
 def marked_step(model: nn.Linear, cut_at: int, stops: list[float]) -> EpochStep:
@@ -65,3 +65,14 @@ def test_no_criterion_keeps_the_lowest_loss_and_a_passed_deadline_trains_nothing
     summary = run_epochs(model, context, marked_step(model, 99, stops), max_epochs=3,
                          loss_key="loss", name="test", steps_per_epoch=4)  # fmt: skip
     assert stops == [] and summary["epochs"] == 0 and summary["stopped_at_deadline"] == 1.0
+
+
+def test_epoch_totals_report_means_and_last_values() -> None:
+    totals = EpochTotals()
+    totals.add({"loss": 1.0, "focal": 0.5}, last={"lr": 1e-3})
+    totals.add({"loss": 3.0, "focal": 0.25}, last={"lr": 2e-4})
+    outcome = totals.outcome()
+    assert outcome is not None and outcome.batches == 2 and not outcome.finished
+    assert outcome.metrics == {"loss": 2.0, "focal": 0.375, "lr": 2e-4}
+    totals.non_finite = True
+    assert totals.outcome() is None
