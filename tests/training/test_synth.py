@@ -118,7 +118,7 @@ def test_written_files_are_the_strips_and_masks_match_the_change(
         made.append(strip)
         return strip
 
-    monkeypatch.setattr(synth, "make_strip", recording_make_strip)
+    monkeypatch.setattr(synth.writer, "make_strip", recording_make_strip)
     summary = _generate(tmp_path / "data", fabrics=1, normal=1, defective=9)
     images = [p for p in summary.files if not p.name.endswith("_mask.png")]
     assert len(made) == len(images) == 10
