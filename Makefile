@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck pytest format bench clean container-test reliability
+.PHONY: setup demo test test-fast lint typecheck pytest format bench clean container-test reliability
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 ## Lint, format check, type check and the test suite (what CI runs).
 test: lint typecheck pytest
+
+## The inner loop: the tests not marked slow (no servers, real trainings or fuzzing).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

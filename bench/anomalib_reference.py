@@ -1,7 +1,10 @@
 """Same-split reference: anomalib's PatchCore on Loomwatch's AITEX tiles (prints figures only).
 
     PYTHONPATH=. /tmp/anomalib-venv/bin/python bench/anomalib_reference.py \
-        [--data ../shared/data/aitex-dev] [--fabric 02] [--workdir DIR] [--threads 2]
+        [--data DIR] [--fabric 02] [--workdir DIR] [--threads 2]
+
+--data defaults to the real AITEX folder that ``bench.aitex_dir()`` names (LOOMWATCH_AITEX_DIR,
+else ../shared/data/aitex-dev beside the project).
 
 Runs in an environment that has anomalib (the project's own venv has none; add pydantic there
 for Loomwatch's modules). Nothing of anomalib is imported at module level, so this file still
@@ -36,6 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bench import aitex_dir
 from models.preprocessing import valid_area
 from models.tiling import Box, TileDataset, pad_to_tile, plan_tiles, stitch
 from training.data import load_dataset, load_image, load_mask, split_dataset
@@ -315,7 +319,7 @@ def compute_metrics(export: Export, prediction: Prediction) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/aitex-dev"))
+    parser.add_argument("--data", type=Path, default=aitex_dir())
     parser.add_argument("--fabric", default="02")
     parser.add_argument("--workdir", type=Path, help="exported tiles and anomalib output (kept)")
     parser.add_argument("--threads", type=int, default=2)
