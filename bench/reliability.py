@@ -10,7 +10,7 @@
    that thousands of requests fit in minutes: a PatchCore strip costs about 2 s on a laptop CPU.
 2. Load: ``loomwatch serve`` as a separate process on loopback, driven from this process with
    1, 4 and 4 x INFERENCE_WORKERS clients posting real AITEX-sized strips (4096 x 256: the
-   real AITEX images when ``../shared/data/aitex-dev`` exists, else synthetic ones). The
+   real AITEX images when the folder ``bench.aitex_dir()`` names exists, else synthetic ones). The
    4-client level runs ``--leak-requests`` requests and is the leak check (server VmRSS before
    and after). Targets: no answer but 200 and 503, every 503 with Retry-After, memory growth
    under 10 %, p99 at 4 x workers within REQUEST_TIMEOUT_S.
@@ -44,6 +44,7 @@ from pydantic import SecretStr
 
 from app.main import create_app
 from app.settings import Settings
+from bench import aitex_dir
 from bench.fuzz import FuzzReport, fuzz
 from bench.hostile import ROUTES, Hostile, build_corpus, post, problem
 from bench.live_server import LiveServer, live_server, loomwatch_command
@@ -53,7 +54,6 @@ from models.preprocessing import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
-REAL_DATA = ROOT.parent / "shared" / "data" / "aitex-dev"
 TINY_VAE = [
     "model.base_channels=4", "model.max_channels=8", "model.depth=2",
     "model.latent_channels=4", "model.max_epochs=1", "model.ssim_weight=0",
@@ -129,10 +129,11 @@ def prepare_model(workdir: Path, bundle: Path | None) -> tuple[Path, str]:
 
 def strips(workdir: Path, count: int = 8) -> tuple[list[tuple[str, bytes]], str]:
     """Real AITEX strips (defect-free and defective) when the data is here, else synthetic."""
-    if REAL_DATA.is_dir():
-        clean = sorted(REAL_DATA.glob("NoDefect_images/*/*.png"))[: count // 2]
-        defective = sorted(REAL_DATA.glob("Defect_images/*.png"))[: count // 2]
-        paths, source = clean + defective, f"real AITEX strips from {REAL_DATA}"
+    real_data = aitex_dir()
+    if real_data.is_dir():
+        clean = sorted(real_data.glob("NoDefect_images/*/*.png"))[: count // 2]
+        defective = sorted(real_data.glob("Defect_images/*.png"))[: count // 2]
+        paths, source = clean + defective, f"real AITEX strips from {real_data}"
     else:
         paths = sorted((workdir / "synth").rglob("*.png"))
         paths = [p for p in paths if "mask" not in p.parts[-2].lower()][:count]
@@ -262,10 +263,9 @@ def fuzz_run(bundle: Path, workdir: Path, images: list[tuple[str, bytes]], examp
 
 def fault_tests(workdir: Path) -> list[tuple[str, str, float]]:
     report = workdir / "faults.xml"
-    env = dict(os.environ, LOOMWATCH_RELIABILITY_FULL="1")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAULT_TESTS,
                f"--junitxml={report}"]  # fmt: skip
-    subprocess.run(command, cwd=ROOT, env=env, capture_output=True, check=False)
+    subprocess.run(command, cwd=ROOT, capture_output=True, check=False)
     results = []
     for case in ET.parse(report).getroot().iter("testcase"):
         outcome = "passed"

@@ -2,44 +2,28 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from app.main import create_app
-from app.settings import Settings
-from tests.conftest import woven
-from tests.training.test_cli import TINY_SET
+from tests.helpers import (
+    DEFECT_CENTRE,
+    HEIGHT,
+    TINY_SET,
+    WIDTH,
+    make_settings,
+    png_bytes,
+    with_stain,
+    woven,
+)
 from training.config import load_config
 from training.train import train
-
-HEIGHT, WIDTH = 128, 512  # the strips posted; training uses 128 x 256
-DEFECT_CENTRE = (288, 32)  # x, y of the stain on the defective strip: the middle of a 64 px tile
-
-
-def with_stain(
-    image: np.ndarray, x: int, y: int, radius: int, level: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """A round stain of grey `level` (the fabric averages 110) and its mask."""
-    mask = np.zeros(image.shape, np.uint8)
-    cv2.circle(mask, (x, y), radius, 255, -1)
-    stained = image.copy()
-    stained[mask > 0] = level
-    return stained, mask
-
-
-def png_bytes(pixels: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode=mode).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -100,21 +84,6 @@ def defect_png(defect_strip: np.ndarray) -> bytes:
 @pytest.fixture(scope="session")
 def clean_png(clean_strip: np.ndarray) -> bytes:
     return png_bytes(clean_strip)
-
-
-def make_settings(bundle: Path, log_path: Path | None, **overrides: Any) -> Settings:
-    """Explicit values for everything a developer's environment might set."""
-    values: dict[str, Any] = {
-        "model_uri": str(bundle),
-        "api_key": None,
-        "cors_origins": [],
-        "inference_log_path": log_path,
-        "inference_threads": 1,
-        "inference_workers": 1,
-        "max_queue_depth": 8,
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.model import StartupError
 from bench.hostile import png_header_only
-from tests.app.conftest import make_settings, png_bytes
-from tests.app.test_predict import post_image
+from tests.helpers import make_settings, png_bytes, post_image
 
 
 def assert_error(response: Any, status: int, code: str, *hidden: Path) -> dict[str, Any]:

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from app.main import create_app
 from bench.fuzz import fuzz
-from tests.app.conftest import make_settings
-from tests.app.test_hostile import CORPUS, MAX_PIXELS, MAX_UPLOAD
+from tests.helpers import HOSTILE_MAX_PIXELS as MAX_PIXELS
+from tests.helpers import HOSTILE_MAX_UPLOAD as MAX_UPLOAD
+from tests.helpers import hostile_corpus, make_settings
+
+pytestmark = pytest.mark.slow  # fuzzing
 
 KEY = "fuzz-key-0123"
-UPLOADS = [item.data for item in CORPUS if not item.streamed]
+UPLOADS = [item.data for item in hostile_corpus() if not item.streamed]
 
 
 def test_generated_requests_get_documented_answers_and_never_a_5xx(bundle: Path) -> None:

@@ -11,14 +11,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from bench.hostile import ROUTES, Hostile, build_corpus, post, problem
-from tests.app.conftest import make_settings, png_bytes
-from tests.conftest import woven
+from bench.hostile import ROUTES, Hostile, post, problem
+from tests.helpers import HOSTILE_MAX_PIXELS as MAX_PIXELS
+from tests.helpers import HOSTILE_MAX_UPLOAD as MAX_UPLOAD
+from tests.helpers import hostile_corpus, hostile_strip, make_settings, png_bytes
 
-MAX_UPLOAD = 2_000_000  # small, so that the over-limit upload stays small too
-MAX_PIXELS = 4_000_000
-STRIP = woven(128, 512, seed=77)
-CORPUS = build_corpus(STRIP, max_pixels=MAX_PIXELS, max_upload_bytes=MAX_UPLOAD, tile_size=64)
+CORPUS = hostile_corpus()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +44,7 @@ def test_each_hostile_upload_gets_its_documented_answer(
     response = post(guarded, item, route)
     assert problem(item, route, response, hidden=(str(bundle),)) is None, response.text
     assert guarded.get("/ready").status_code == 200
-    follow_up = guarded.post("/predict", files={"file": ("ok.png", png_bytes(STRIP))})
+    follow_up = guarded.post("/predict", files={"file": ("ok.png", png_bytes(hostile_strip()))})
     assert follow_up.status_code == 200, follow_up.text
 
 

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -14,21 +13,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.imaging import rle_decode
-from tests.app.conftest import DEFECT_CENTRE, HEIGHT, WIDTH, png_bytes
+from tests.helpers import DEFECT_CENTRE, HEIGHT, WIDTH, make_settings, png_bytes, post_image
 
 STAGES = {"queue", "decode", "preprocess", "model", "postprocess", "encode", "inference", "total"}
-
-
-def post_image(
-    client: TestClient,
-    data: bytes,
-    *,
-    route: str = "/predict",
-    ctype: str = "image/png",
-    **query: Any,
-) -> Any:
-    files = {"file": ("strip.png", data, ctype)}
-    return client.post(route, files=files, params=query)
 
 
 def decode_png_b64(text: str) -> np.ndarray:
@@ -185,7 +172,6 @@ def test_inference_log_has_one_line_per_prediction(
     bundle: Path, defect_png: bytes, tmp_path: Path
 ) -> None:
     from app.main import create_app
-    from tests.app.conftest import make_settings
 
     log_path = tmp_path / "logs" / "inference.jsonl"
     with TestClient(create_app(make_settings(bundle, log_path))) as client:

@@ -16,8 +16,7 @@ from app.main import create_app
 from app.model import StartupError
 from models.bundle import WEIGHTS
 from models.patchcore import PatchCoreConfig, WeightsError, build_backbone
-from tests.app.conftest import make_settings
-from tests.app.test_predict import post_image
+from tests.helpers import make_settings, post_image
 
 EXPECTED_HEADERS = {
     "x-content-type-options": "nosniff",

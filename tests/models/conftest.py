@@ -1,4 +1,4 @@
-"""Fixtures and helpers shared by the model tests."""
+"""Fixtures shared by the model tests."""
 
 from __future__ import annotations
 
@@ -6,11 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-
-
-def same_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    current = model.state_dict()
-    return current.keys() == state.keys() and all(torch.equal(current[k], state[k]) for k in state)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -18,16 +18,15 @@ from models.bundle import (
 )
 from models.calibration import Calibration
 from models.pipeline import Detector
-from tests.conftest import woven
-from tests.models.test_patchcore import TINY, fitted
+from tests.helpers import TINY_PATCHCORE, fitted_patchcore, woven
 
 CAL = Calibration(image_threshold=2.0, image_min=1.0, image_max=4.0, pixel_threshold=2.0,
                   pixel_min=0.0, pixel_max=5.0, method="test")  # fmt: skip
 
 
 def saved(tmp_path: Path) -> tuple[Path, Detector]:
-    model = fitted()
-    manifest = Manifest(model_type="patchcore", config=dict(TINY), calibration=CAL,
+    model = fitted_patchcore()
+    manifest = Manifest(model_type="patchcore", config=dict(TINY_PATCHCORE), calibration=CAL,
                         pipeline=PipelineConfig(tile_size=64, stride=64))  # fmt: skip
     path = save_bundle(tmp_path / "bundle", model, manifest)
     return path, Detector(model, manifest)

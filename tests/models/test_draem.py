@@ -17,8 +17,7 @@ from models.draem import Draem, DraemConfig, focal_loss, pooled_max_scores, sche
 from models.pipeline import Detector
 from models.registry import model_class
 from models.synthesis import SynthesisMix
-from tests.conftest import woven, woven_tile, woven_tile_set
-from tests.models.conftest import same_state
+from tests.helpers import same_state, woven, woven_tile, woven_tile_set
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY: dict[str, object] = {

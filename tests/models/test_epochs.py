@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
+import models.base
+import models.epochs
 from models.base import EpochLog, FitContext
 from models.epochs import EpochOutcome, EpochStep, EpochTotals, run_epochs
 
@@ -35,24 +39,31 @@ def test_an_epoch_cut_short_is_scored_and_can_be_the_best() -> None:
     assert logs[2].metrics["epoch_fraction"] == 0.25 and "epoch_fraction" not in logs[1].metrics
 
 
-def test_validate_every_and_the_time_kept_for_the_last_score() -> None:
+def test_validate_every_and_the_time_kept_for_the_last_score(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fake clock that only a validation moves (by 0.25 s, exact in binary): no real waiting.
+    clock = {"now": 1000.0}
+    fake_time = SimpleNamespace(monotonic=lambda: clock["now"])
+    monkeypatch.setattr(models.epochs, "time", fake_time)
+    monkeypatch.setattr(models.base, "time", fake_time)
     model = nn.Linear(1, 1)
     scored: list[int] = []
 
     def validate(_: nn.Module) -> float:
         scored.append(int(model.weight.item()))
-        time.sleep(0.2)
+        clock["now"] += 0.25
         return 0.1 * len(scored)
 
     stops: list[float] = []
-    deadline = time.monotonic() + 100.0
+    deadline = clock["now"] + 100.0
     context = FitContext(deadline=deadline, progress=False, validate=validate)
     summary = run_epochs(model, context, marked_step(model, 4, stops), max_epochs=10,
                          loss_key="loss", name="test", steps_per_epoch=4,
                          validate_every=3)  # fmt: skip
     assert scored == [0, 3, 4] and summary["best_epoch"] == 4  # first, every third, last
-    assert stops[0] >= deadline - 0.05  # nothing scored yet: nothing kept back
-    assert all(stop <= deadline - 0.2 for stop in stops[1:])  # a validation's time kept back
+    assert stops[0] == deadline  # nothing scored yet: nothing kept back
+    assert stops[1:] == [deadline - 0.25] * 4  # a validation's time kept back
 
 
 def test_no_criterion_keeps_the_lowest_loss_and_a_passed_deadline_trains_nothing() -> None:

@@ -2,31 +2,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from models.base import FitContext
 from models.patchcore import PatchCore, PatchCoreConfig, greedy_coreset, nearest_distances
-from models.tiling import TileDataset
-from tests.conftest import woven
-
-TINY: dict[str, object] = {
-    "backbone": "resnet18",
-    "pretrained": False,
-    "layer_dim": 64,
-    "embed_dim": 32,
-    "coreset_ratio": 0.1,
-}
-
-
-def fitted(seed: int = 0) -> PatchCore:
-    torch.manual_seed(seed)
-    model = PatchCore(PatchCoreConfig.model_validate(TINY))
-    images = [woven(64, 256, seed=s) for s in range(3)]
-    tiles = TileDataset(images, [np.ones_like(i, bool) for i in images], 64, 64)
-    model.fit(tiles, FitContext(progress=False, seed=seed))
-    return model
+from tests.helpers import TINY_PATCHCORE, fitted_patchcore, woven
 
 
 def test_nearest_distances_match_brute_force() -> None:
@@ -47,7 +27,7 @@ def test_coreset_covers_far_points_and_respects_deadline() -> None:
 
 
 def test_fit_builds_bank_and_scores_a_defect_higher() -> None:
-    model = fitted()
+    model = fitted_patchcore()
     assert model.memory_bank.shape[1] == 32 and model.memory_bank.shape[0] > 0
     clean = torch.from_numpy(woven(64, 64, seed=9)).float()[None, None] / 255
     defect = clean.clone()
@@ -60,7 +40,7 @@ def test_fit_builds_bank_and_scores_a_defect_higher() -> None:
 
 
 def test_invalid_pixels_never_drive_the_image_score() -> None:
-    model = fitted()
+    model = fitted_patchcore()
     tile = torch.from_numpy(woven(64, 64, seed=5)).float()[None, None] / 255
     tile[..., :, 48:] = 1.0  # white padding on the right
     valid = torch.ones_like(tile, dtype=torch.bool)
@@ -71,13 +51,13 @@ def test_invalid_pixels_never_drive_the_image_score() -> None:
 
 
 def test_predict_before_fit_is_an_error() -> None:
-    model = PatchCore(PatchCoreConfig.model_validate(TINY))
+    model = PatchCore(PatchCoreConfig.model_validate(TINY_PATCHCORE))
     with pytest.raises(RuntimeError, match="empty memory bank"):
         model.predict(torch.zeros(1, 1, 64, 64), torch.ones(1, 1, 64, 64, dtype=torch.bool))
 
 
 def test_random_backbone_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    PatchCore(PatchCoreConfig.model_validate(TINY))
+    PatchCore(PatchCoreConfig.model_validate(TINY_PATCHCORE))
     assert "RANDOM resnet18 backbone" in caplog.text
 
 
@@ -87,7 +67,7 @@ def test_local_weights_file_is_loaded_without_pickle(tmp_path: pytest.TempPathFa
     path = tmp_path / "resnet18.pth"  # type: ignore[operator]
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), path)
-    model = PatchCore(PatchCoreConfig.model_validate({**TINY, "weights_file": str(path)}))
+    model = PatchCore(PatchCoreConfig.model_validate({**TINY_PATCHCORE, "weights_file": str(path)}))
     stem_conv = model.extractor.stem[0]
     assert isinstance(stem_conv, torch.nn.Conv2d)
     assert torch.equal(stem_conv.weight, reference.conv1.weight)

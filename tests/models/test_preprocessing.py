@@ -299,7 +299,7 @@ def test_not_an_image_and_missing_file_are_refused(tmp_path: Path) -> None:
 
 
 def test_band_beyond_a_white_border_near_the_end_is_not_fabric() -> None:
-    from tests.conftest import woven
+    from tests.helpers import woven
 
     image = woven(64, 1024)
     image[:, :100] = 70  # dark selvage band at the left end

@@ -17,7 +17,7 @@ from models.synthesis import (
     TextureBank,
     perlin_noise,
 )
-from tests.conftest import woven
+from tests.helpers import woven
 
 
 def tile(seed: int = 0, size: int = 64) -> np.ndarray:

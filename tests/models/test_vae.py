@@ -22,8 +22,7 @@ from models.vae import (
     reconstruction_figure,
     ssim_map,
 )
-from tests.conftest import woven, woven_tile, woven_tile_set
-from tests.models.conftest import same_state
+from tests.helpers import same_state, woven, woven_tile, woven_tile_set
 
 TINY: dict[str, object] = {
     "base_channels": 8,

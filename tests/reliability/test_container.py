@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
 
 
@@ -35,7 +33,6 @@ def test_the_reader_tells_root_from_non_root() -> None:
 
 
 def test_the_container_runs_as_a_non_root_user() -> None:
-    if not DOCKERFILE.exists():
-        pytest.skip("no Dockerfile in the project yet")
+    assert DOCKERFILE.is_file(), f"no Dockerfile at {DOCKERFILE}: the serving image is undefined"
     user = final_stage_user(DOCKERFILE.read_text())
     assert not is_root(user), f"the final stage runs as {user or 'root (no USER)'}"

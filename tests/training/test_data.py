@@ -1,7 +1,7 @@
 """Dataset loading (AITEX quirks, MVTec AD, plain folders), splits and fingerprints.
 
-Every test writes its own tiny PNGs under tmp_path; one test reads the real AITEX strips and is
-skipped when ../shared/data/aitex-dev is absent.
+Every test writes its own tiny PNGs under tmp_path; one test reads the real AITEX development
+strips (``LOOMWATCH_AITEX_DIR``, else ../shared/data/aitex-dev) and is skipped when they are absent.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from models.preprocessing import ImageDecodeError
+from tests.helpers import real_aitex
 from training.data import (
     Dataset,
     DatasetError,
@@ -31,7 +32,6 @@ from training.data import (
 )
 
 SHAPE = (8, 24)  # tiny strips: H x W
-REAL_AITEX = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "aitex-dev"
 
 
 def _write(path: Path, array: np.ndarray | None = None, mode: str = "L") -> Path:
@@ -478,14 +478,14 @@ def test_fingerprint_changes_with_sizes_masks_and_membership(tmp_path: Path) -> 
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not REAL_AITEX.is_dir(), reason=f"real AITEX data absent ({REAL_AITEX})")
 def test_real_aitex_development_strips() -> None:
-    dataset = load_dataset(REAL_AITEX)
+    real_data = real_aitex()
+    dataset = load_dataset(real_data)
 
     assert dataset.layout == "aitex"
     assert (len(dataset.anomalous), len(dataset.normal)) == (54, 99)
     assert dataset.fabrics == ("00", "01", "02", "03", "04", "05", "06", "08")
-    fabric_02 = load_dataset(REAL_AITEX, fabric="2")
+    fabric_02 = load_dataset(real_data, fabric="2")
     assert (len(fabric_02.anomalous), len(fabric_02.normal)) == (19, 14)
     unlabelled = [s.name for s in dataset.anomalous if not has_pixel_labels(s)]
     assert unlabelled == ["0100_025_08"]
