@@ -34,10 +34,12 @@ RUN python -m venv /opt/venv \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY loomwatch ./loomwatch
+COPY tracking ./tracking
 COPY models ./models
 COPY training ./training
 COPY app ./app
-RUN pip install . && python -c "import app.main, training.model_uri"
+RUN pip install . && python -c "import loomwatch.cli, app.main, tracking.uris"
 
 # The bundle, readable by the service user (bundles are written owner-only), checked here so
 # that a wrong folder fails the build rather than the first start.

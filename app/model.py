@@ -14,6 +14,7 @@ from app.settings import Settings
 from models.bundle import MANIFEST, WEIGHTS
 from models.pipeline import Detector
 from models.postprocess import SuppressionSettings
+from tracking.uris import parse_model_uri, resolve_model_uri
 
 log = logging.getLogger("loomwatch.app")
 
@@ -48,15 +49,13 @@ def bundle_digest(folder: Path) -> str:
 
 def name_and_version(uri: str, folder: Path, digest: str) -> tuple[str, str]:
     """Registry name/version from an MLflow URI when it says them; else the folder and digest."""
-    if uri.startswith("models:/"):
-        rest = uri.removeprefix("models:/").strip("/")
-        if "@" in rest:  # an alias names no version by itself
-            return rest.split("@", 1)[0], digest
-        name, _, version = rest.partition("/")
-        return name, version or digest
-    if uri.startswith("runs:/"):
-        run_id = uri.removeprefix("runs:/").strip("/").split("/")[0]
-        return f"run-{run_id}", digest
+    parsed = parse_model_uri(uri)
+    if parsed.kind == "version":
+        return parsed.name, parsed.version
+    if parsed.kind in ("alias", "logged"):  # an alias names no version by itself
+        return parsed.name, digest
+    if parsed.kind == "run":
+        return f"run-{parsed.run_id}", digest
     return folder.resolve().name, digest
 
 
@@ -75,9 +74,6 @@ def load_model(settings: Settings) -> LoadedModel:
     uri = settings.model_uri
     if not uri:
         raise StartupError("no model: set MODEL_URI (or pass --model-uri to loomwatch serve)")
-    # Start-up code only: training (MLflow URIs) is never imported on the request path.
-    from training.model_uri import resolve_model_uri
-
     started = time.perf_counter()
     try:
         folder = resolve_model_uri(uri)

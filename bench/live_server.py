@@ -37,7 +37,7 @@ def free_port() -> int:
 def loomwatch_command() -> list[str]:
     """The `loomwatch` console script of this interpreter's environment."""
     script = Path(sys.executable).with_name("loomwatch")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "training.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "loomwatch"]
 
 
 @dataclass

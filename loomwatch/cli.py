@@ -2,6 +2,9 @@
 
 Every user mistake (missing folder, no images, unreadable file, unknown model, bad config)
 ends as one line on stderr and a non-zero exit; tracebacks only with ``--debug``.
+
+This is the one place that wires training (``training``) and serving (``app``) together. Each
+command imports what it needs when it runs, so ``loomwatch --help`` loads neither torch nor MLflow.
 """
 
 from __future__ import annotations
@@ -17,38 +20,50 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from models.bundle import BundleError
-from models.overlay import encode_png, render_overlay
-from models.patchcore import WeightsError
-from models.pipeline import Detector
-from models.preprocessing import ImageDecodeError
-from models.registry import MODEL_TYPES, UnknownModelError
-from training.config import ConfigError, load_config
-from training.data import DatasetError, load_dataset, split_dataset
-from training.model_uri import ModelUriError, TrackingError, resolve_model_uri
-
 log = logging.getLogger("loomwatch")
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+# For --help only (models.registry, which imports torch, decides): a test keeps them equal.
+MODEL_NAMES = ("draem", "patchcore", "vae")
 
 
 class CliError(Exception):
     """A user-facing problem: printed as one line, exit status 2."""
 
 
-USER_ERRORS = (
-    CliError,
-    DatasetError,
-    ModelUriError,
-    TrackingError,
-    ConfigError,
-    BundleError,
-    ImageDecodeError,
-    UnknownModelError,
-    WeightsError,
-    FileNotFoundError,
-    NotADirectoryError,
-    PermissionError,
+BUILTIN_USER_ERRORS = (CliError, FileNotFoundError, NotADirectoryError, PermissionError)
+# The project's user-facing errors, by the module that defines them. Looked up only in modules
+# already loaded: an error whose module was never imported cannot have been raised, and the
+# modules (torch, MLflow behind them) are not imported just to catch it.
+USER_ERRORS = {
+    "models.bundle": ("BundleError",),
+    "models.patchcore": ("WeightsError",),
+    "models.preprocessing": ("ImageDecodeError",),
+    "models.registry": ("UnknownModelError",),
+    "training.config": ("ConfigError",),
+    "training.data": ("DatasetError",),
+    "tracking.store": ("ModelUriError", "TrackingError"),
+}
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A mistake of the user's (one line, exit 2), not a bug (internal error, exit 1)."""
+    if isinstance(exc, BUILTIN_USER_ERRORS):
+        return True
+    for module_name, names in USER_ERRORS.items():
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(exc, tuple(getattr(module, n) for n in names)):
+            return True
+    return False
+
+
+DEMO_PLAN = (
+    "Synthetic fabric (1 fabric, 14 strips) -> PatchCore trained on CPU, tracked in MLflow and "
+    "registered with alias champion -> evaluated (HTML report) -> 3 predictions -> served."
+)
+DEMO_COST = (
+    "About MINUTES minutes on 2 CPU cores (training is capped by --max-minutes) and DISK of disk "
+    "(the work folder, mlflow.db, mlruns/ and .loomwatch/ in this folder)."
 )
 
 
@@ -75,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--height", type=int, default=256)
 
     train = commands.add_parser("train", help="train, calibrate, evaluate and save a model")
-    train.add_argument("--model", required=True, help=f"one of {', '.join(sorted(MODEL_TYPES))}")
+    train.add_argument("--model", required=True, help=f"one of {', '.join(MODEL_NAMES)}")
     train.add_argument("--data", type=Path, required=True)
     train.add_argument("--fabric", help="AITEX fabric code (e.g. 02) or MVTec category")
     train.add_argument(
@@ -120,12 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default: $PORT or 8000)")
 
     demo = commands.add_parser(
-        "demo", help="synthetic fabric -> train -> register (alias champion) -> serve"
+        "demo",
+        help="synthetic fabric -> train -> register (alias champion) -> serve",
+        description=f"{DEMO_PLAN} {DEMO_COST}",
     )
     demo.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     demo.add_argument("--max-minutes", type=float, default=2.0, help="training budget")
     demo.add_argument("--name", default="fabric-demo", help="registered model name")
     demo.add_argument("--no-serve", action="store_true", help="stop after predict")
+    demo.add_argument("--host", help="serve on this interface (default: $HOST or 127.0.0.1)")
+    demo.add_argument("--port", type=int, help="serve on this port (default: $PORT or 8000)")
     return parser
 
 
@@ -176,10 +195,13 @@ def _check_registration(name: str | None, alias: str | None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.config import resolve_config_file
-    from training.tracking import run_tags, training_run
+    from models.registry import MODEL_TYPES, UnknownModelError
+    from training.config import load_config, resolve_config_file
+    from training.data import load_dataset, split_dataset
+    from training.runs import run_tags, training_run
     from training.train import train
 
+    # Every input is checked before the MLflow run opens: a mistake leaves no FAILED run behind.
     if args.model not in MODEL_TYPES:
         raise UnknownModelError(f"unknown model '{args.model}' (known: {', '.join(MODEL_TYPES)})")
     if args.max_minutes is not None and args.max_minutes <= 0:
@@ -187,6 +209,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_registration(args.register, args.alias)
     config, _ = load_config(args.model, args.config, args.overrides)
     config_file = resolve_config_file(args.config) if args.config is not None else None
+    dataset = load_dataset(args.data, fabric=args.fabric)  # the folder, its images, the fabric
+    split_dataset(dataset, config.data.val_fraction, args.seed)  # defect-free images to train on
     out = args.out or _default_out(args.model, args.fabric)
     tags = run_tags(args.model, args.fabric, args.data)
     with training_run(out.name, tags, progress=not args.quiet) as run:
@@ -236,6 +260,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.pipeline import Detector
+    from tracking.uris import resolve_model_uri
+    from training.data import fingerprint, load_dataset, split_dataset
     from training.evaluate import analyse_samples, evaluation_summary, run_evaluation, write_outputs
 
     bundle = resolve_model_uri(args.model_uri)
@@ -244,8 +271,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     fabric = args.fabric if args.fabric is not None else training.get("fabric")
     dataset = load_dataset(args.data, fabric=fabric if args.split == "test" else args.fabric)
     if args.split == "test":
-        from training.data import fingerprint
-
         if training.get("fingerprint") != fingerprint(dataset.samples, dataset.root):
             raise CliError(
                 f"{args.data} is not the data this model was trained on (fingerprint differs); "
@@ -275,6 +300,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from models.overlay import encode_png, render_overlay
+    from models.pipeline import Detector
+    from models.preprocessing import ImageDecodeError
+    from tracking.uris import resolve_model_uri
+
     bundle = resolve_model_uri(args.model_uri)
     detector = Detector.from_bundle(bundle)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -302,15 +332,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app.server import run
+    from app.server import run  # it checks the port before it loads the model
 
     return run(model_uri=args.model_uri, host=args.host, port=args.port)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Exit 0 whether or not the alias moved: "not promoted: <why>" is an answer, not an error."""
+    from tracking.store import use_tracking_store
     from training.promote import promote
-    from training.tracking import use_tracking_store
 
     if args.fabric is not None and args.data is None:
         raise CliError("--fabric needs --data DIR")
@@ -325,6 +355,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Fresh machine: synthetic fabric -> PatchCore (random backbone) -> MLflow, registered with
     alias champion -> evaluate and predict through the registry -> serve it."""
+    if not args.no_serve:  # a taken port fails now, not after minutes of training
+        from app.server import address_problem
+
+        problem = address_problem(args.host, args.port)
+        if problem:
+            raise CliError(f"{problem}; or pass --no-serve")
+    print(f"loomwatch demo: {DEMO_PLAN}\n{DEMO_COST}\n", flush=True)
     work: Path = args.workdir
     data, bundle, report = work / "data", work / "bundle", work / "report"
     champion = f"models:/{args.name}@champion"
@@ -354,6 +391,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"predictions in {work / 'predictions'}")
     print(f"registered: {champion}; `mlflow ui` in this folder shows the run and the model")
     serve = ["serve", "--model-uri", champion]
+    serve += ["--host", args.host] if args.host else []
+    serve += ["--port", str(args.port)] if args.port is not None else []
     if code or args.no_serve:
         print(f"to serve it: loomwatch {' '.join(serve)}")
         return code
@@ -382,18 +421,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         code = COMMANDS[args.command](args)
-    except USER_ERRORS as exc:
-        if debug:
-            raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"loomwatch: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("loomwatch: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         if debug:
             raise
+        if is_user_error(exc):
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"loomwatch: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
         print(
             f"loomwatch: internal error: {type(exc).__name__}: {exc} (rerun with --debug)",
             file=sys.stderr,

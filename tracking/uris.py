@@ -8,7 +8,7 @@ Accepted everywhere a ``--model-uri`` is (evaluate, predict, serve):
 * ``runs:/RUN_ID/PATH`` (``runs:/<id>/model``, the logged model, or ``runs:/<id>/bundle``);
 * ``models:/<logged model id>`` (``models:/m-...``).
 
-MLflow URIs are downloaded through MLflow from the store :func:`training.tracking.tracking_uri`
+MLflow URIs are downloaded through MLflow from the store :func:`tracking.store.tracking_uri`
 names, into a local cache (``.loomwatch/model-cache`` in the current directory, or
 ``LOOMWATCH_MODEL_CACHE``), once per immutable target: an alias is first resolved to its version,
 so moving the alias is seen at once while a version is downloaded only once.
@@ -21,27 +21,64 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from models.bundle import MANIFEST, BundleError, read_manifest
+from tracking.store import (
+    ModelUriError,
+    TrackingError,
+    mlflow_errors,
+    tracking_uri,
+    use_tracking_store,
+)
 
 MLMODEL = "MLmodel"
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
-
-class ModelUriError(ValueError):
-    """The URI names nothing loadable; the message says why in one line."""
+UriKind = Literal["local", "alias", "version", "logged", "run"]
 
 
-class TrackingError(RuntimeError):
-    """MLflow could not do what was asked (unreachable server, unknown registered model...).
+@dataclass(frozen=True)
+class ModelUri:
+    """A parsed model URI. ``version`` may be ``latest`` until :func:`pin_model_uri` pins it."""
 
-    Defined here, not in :mod:`training.tracking`, so that the CLI can catch it without
-    importing MLflow for every command.
-    """
+    kind: UriKind
+    text: str
+    name: str = ""  # registered model name, or the logged model id (kind "logged")
+    alias: str = ""
+    version: str = ""
+    run_id: str = ""
+    path: str = ""  # inside the run (kind "run")
+
+
+def parse_model_uri(uri: str) -> ModelUri:
+    """The grammar of model URIs, in one place; anything that is not MLflow is a local folder."""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        if not run_id or not path.strip("/"):
+            raise ModelUriError(f"{uri}: expected runs:/RUN_ID/PATH")
+        return ModelUri("run", uri, run_id=run_id, path=path.strip("/"))
+    if not uri.startswith("models:/"):
+        return ModelUri("local", uri)
+    rest = uri.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, _, alias = rest.rpartition("@")
+        if not name or not alias:
+            raise ModelUriError(f"{uri}: expected models:/NAME@ALIAS")
+        return ModelUri("alias", uri, name=name, alias=alias)
+    name, slash, version = rest.rpartition("/")
+    if not slash:  # models:/<logged model id>
+        if not rest:
+            raise ModelUriError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        return ModelUri("logged", uri, name=rest)
+    if version != "latest" and not version.isdigit():
+        raise ModelUriError(f"{uri}: the version must be a number, 'latest', or use @ALIAS")
+    return ModelUri("version", uri, name=name, version=version)
 
 
 def resolve_model_uri(uri: str) -> Path:
@@ -83,8 +120,6 @@ def pin_model_uri(uri: str) -> str:
     """
     if not uri.startswith(MLFLOW_SCHEMES):
         return uri
-    from training.tracking import mlflow_errors, use_tracking_store
-
     try:
         use_tracking_store()
         with mlflow_errors(uri):
@@ -94,8 +129,6 @@ def pin_model_uri(uri: str) -> str:
 
 
 def _from_mlflow(uri: str) -> Path:
-    from training.tracking import mlflow_errors, tracking_uri
-
     pinned = pin_model_uri(uri)
     target = _cache_folder(tracking_uri(), pinned)
     if not (target.is_dir() and _complete(target)):
@@ -112,34 +145,24 @@ def _pin(uri: str) -> str:
     import mlflow
 
     client = mlflow.MlflowClient()
-    if uri.startswith("runs:/"):
-        run_id, _, path = uri.removeprefix("runs:/").partition("/")
-        if not run_id or not path.strip("/"):
-            raise ModelUriError(f"{uri}: expected runs:/RUN_ID/PATH")
-        client.get_run(run_id)  # a clear "run not found" before any download
-        return f"runs:/{run_id}/{path.strip('/')}"
-    rest = uri.removeprefix("models:/").strip("/")
-    if "@" in rest:
-        name, _, alias = rest.rpartition("@")
-        if not name or not alias:
-            raise ModelUriError(f"{uri}: expected models:/NAME@ALIAS")
-        version = client.get_model_version_by_alias(name, alias)
-        return f"models:/{name}/{version.version}"
-    name, slash, version_text = rest.rpartition("/")
-    if not slash:  # models:/<logged model id>
-        if not rest:
-            raise ModelUriError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        client.get_logged_model(rest)
-        return f"models:/{rest}"
-    if version_text == "latest":
+    parsed = parse_model_uri(uri)
+    if parsed.kind == "run":
+        client.get_run(parsed.run_id)  # a clear "run not found" before any download
+        return f"runs:/{parsed.run_id}/{parsed.path}"
+    name, version = parsed.name, parsed.version
+    if parsed.kind == "alias":
+        version = client.get_model_version_by_alias(name, parsed.alias).version
+        return f"models:/{name}/{version}"
+    if parsed.kind == "logged":
+        client.get_logged_model(name)
+        return f"models:/{name}"
+    if version == "latest":
         versions = client.search_model_versions(f"name = '{name}'")
         if not versions:
             raise ModelUriError(f"{uri}: registered model '{name}' has no versions")
-        version_text = str(max(int(v.version) for v in versions))
-    if not version_text.isdigit():
-        raise ModelUriError(f"{uri}: the version must be a number, 'latest', or use @ALIAS")
-    client.get_model_version(name, version_text)
-    return f"models:/{name}/{version_text}"
+        version = str(max(int(v.version) for v in versions))
+    client.get_model_version(name, version)
+    return f"models:/{name}/{version}"
 
 
 def _cache_folder(store: str, pinned: str) -> Path:

@@ -22,8 +22,9 @@ from pathlib import Path
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 
-from training.model_uri import TrackingError
-from training.tracking import TAG, mlflow_errors
+from tracking.registry import TAG, alias_version, newest_version, set_alias, tag_version
+from tracking.store import TrackingError, mlflow_errors
+from tracking.uris import resolve_model_uri
 
 CHAMPION = "champion"
 METRICS = ("image_auroc", "strip_auroc", "pixel_auroc", "aupro", "pixel_ap", "f1_max")
@@ -54,14 +55,9 @@ def promote(
 ) -> Decision:
     if metric not in METRICS:
         raise TrackingError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
-    client = mlflow.MlflowClient()
     with mlflow_errors(f"registered model '{name}'"):
-        client.get_registered_model(name)
-        versions = client.search_model_versions(f"name = '{name}'")
-        if not versions:
-            raise TrackingError(f"registered model '{name}' has no versions")
-        newest = max(versions, key=lambda v: int(v.version))
-        current = _champion(client, name)
+        newest = newest_version(name)
+        current = alias_version(name, CHAMPION)
         if current is not None and str(current.version) == str(newest.version):
             return Decision(False, f"not promoted: version {newest.version} is already {CHAMPION}")
         candidate = _measure(newest, metric, data, fabric, progress)
@@ -89,8 +85,8 @@ def promote(
                     candidate,
                     champion,
                 )
-        _record(client, name, metric, candidate, champion, data)
-        client.set_registered_model_alias(name, CHAMPION, newest.version)
+        _record(name, metric, candidate, champion, data)
+        set_alias(name, CHAMPION, str(newest.version))
     if champion is None:
         message = f"promoted version {newest.version} to {CHAMPION} (there was none)"
     else:
@@ -99,12 +95,6 @@ def promote(
             f"{champion.value:.4f} (version {champion.version})"
         )
     return Decision(True, f"{message}; models:/{name}@{CHAMPION}", candidate, champion)
-
-
-def _champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
-    aliases = client.get_registered_model(name).aliases or {}
-    version = aliases.get(CHAMPION)
-    return client.get_model_version(name, str(version)) if version is not None else None
 
 
 def _no_figure(version: ModelVersion, metric: str, data: Path | None) -> str:
@@ -134,7 +124,6 @@ def _evaluate(
     from models.pipeline import Detector
     from training.data import fingerprint, load_dataset
     from training.evaluate import analyse_samples, run_evaluation
-    from training.model_uri import resolve_model_uri
 
     dataset = load_dataset(data, fabric=fabric)
     detector = Detector.from_bundle(resolve_model_uri(f"models:/{version.name}/{version.version}"))
@@ -148,7 +137,6 @@ def _evaluate(
 
 
 def _record(
-    client: mlflow.MlflowClient,
     name: str,
     metric: str,
     candidate: Figure,
@@ -165,5 +153,4 @@ def _record(
     }
     if champion is not None:
         tags[f"{TAG}promotion.previous_value"] = f"{champion.value:.6g}"
-    for key, value in tags.items():
-        client.set_model_version_tag(name, candidate.version, key, value)
+    tag_version(name, candidate.version, tags)

@@ -1,10 +1,7 @@
-"""MLflow tracking: where the store is, what a training run logs, and how its model is registered.
+"""The MLflow run of a training: what it logs, and how its model is registered.
 
-By default the store is embedded and needs no server: a SQLite database ``mlflow.db`` and an
-artifact folder ``mlruns/`` in the current (project) directory, MLflow's own default names, so
-``mlflow ui`` started in the same directory shows every run. ``MLFLOW_TRACKING_URI`` (and the
-other ``MLFLOW_*`` variables, e.g. ``MLFLOW_REGISTRY_URI``, ``MLFLOW_EXPERIMENT_NAME``,
-``MLFLOW_TRACKING_TOKEN``) point the same commands at a tracking server instead.
+The store itself (where it is, reaching it, its errors) and the registry are :mod:`tracking`'s;
+this module only says what a ``loomwatch train`` records there.
 
 A training run ends FINISHED only when the bundle, the logged model and (if asked) the registered
 version all exist; an exception ends it FAILED, Ctrl-C or SIGTERM ends it KILLED, and in both
@@ -16,18 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
 import signal
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 import mlflow
 import numpy as np
@@ -40,106 +32,25 @@ from mlflow.models.model import ModelInfo
 
 from models.base import EpochLog
 from models.overlay import encode_png
+from tracking.registry import TAG, register_version, version_tags
+from tracking.store import (
+    TrackingError,
+    experiment_id,
+    mlflow_errors,
+    mlflow_message,
+    use_tracking_store,
+)
 from training import pyfunc
 from training.config import TrainConfig
 from training.data import Dataset, Split, fingerprint, load_image
-from training.model_uri import TrackingError
 
 if TYPE_CHECKING:
     from training.train import TrainResult
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DB = "mlflow.db"
-DEFAULT_EXPERIMENT = "loomwatch"
 MODEL_NAME_IN_RUN = "model"  # the logged model: runs:/<run id>/model
 BUNDLE_IN_RUN = "bundle"  # the bundle again, as plain run artifacts: runs:/<run id>/bundle
-TAG = "loomwatch."  # prefix of our run and model-version tags
-VERSION_TAGS = ("model_type", "fabric", "data_fingerprint", "validation_fingerprint", "git_commit")
-
-
-# ---- the store ---------------------------------------------------------------------------------
-
-
-def tracking_uri() -> str:
-    """The tracking store to use: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
-
-    With a SQLite store, artifacts go beside the database (see :func:`artifact_location`).
-    """
-    configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if configured:
-        return configured
-    return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
-
-
-def use_tracking_store(*, progress: bool = False) -> str:
-    """Point MLflow at :func:`tracking_uri`, fail fast when a server is unreachable, return it."""
-    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not progress:
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    uri = tracking_uri()
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    return uri
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """A tracking server that does not answer fails in seconds, not after MLflow's retries."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        return  # it answered; MLflow reports any real problem itself
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it or change "
-            "MLFLOW_TRACKING_URI"
-        ) from None
-
-
-def mlflow_message(exc: MlflowException) -> str:
-    """The first line of an MLflow error's message."""
-    text = str(exc.message).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-@contextmanager
-def mlflow_errors(doing: str) -> Iterator[None]:
-    """Turn MLflow's exceptions into one-line :class:`TrackingError` s."""
-    try:
-        yield
-    except MlflowException as exc:
-        raise TrackingError(f"{doing}: {mlflow_message(exc)}") from None
-
-
-def artifact_location(uri: str, experiment: str) -> str | None:
-    """With a SQLite store, artifacts live beside the database: ``<db folder>/mlruns/<name>``.
-
-    (MLflow would otherwise put them under the current directory, wherever that is.) Other
-    stores decide for themselves: a server uses its ``--artifacts-destination``.
-    """
-    if not uri.startswith("sqlite:///"):
-        return None
-    database = Path(unquote(uri.removeprefix("sqlite:///")))
-    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
-    return (database.parent / "mlruns" / folder).resolve().as_uri()
-
-
-def experiment_id(name: str | None = None) -> str:
-    """The experiment runs go to (``MLFLOW_EXPERIMENT_NAME`` or "loomwatch"), made if missing."""
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    with mlflow_errors(f"MLflow experiment '{name}'"):
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
-            location = artifact_location(mlflow.get_tracking_uri(), name)
-            return mlflow.create_experiment(name, artifact_location=location)
-        if experiment.lifecycle_stage != "active":
-            raise TrackingError(f"MLflow experiment '{name}' is deleted; restore it or rename it")
-        return str(experiment.experiment_id)
 
 
 # ---- what a run logs ---------------------------------------------------------------------------
@@ -329,26 +240,9 @@ class TrainingRun:
         if self.model_info is None:
             raise TrackingError("nothing to register: the model was not logged")
         run = self.client.get_run(self.run_id)
-        tags = {
-            f"{TAG}{key}": run.data.tags[f"{TAG}{key}"]
-            for key in VERSION_TAGS
-            if f"{TAG}{key}" in run.data.tags
-        }
-        version = mlflow.register_model(self.model_info.model_uri, name, tags=tags)
-        try:
-            if alias:
-                self.client.set_registered_model_alias(name, alias, version.version)
-        except BaseException:
-            self._forget(version)
-            raise
-        self.version = version
-        return version
-
-    def _forget(self, version: ModelVersion) -> None:
-        try:
-            self.client.delete_model_version(version.name, version.version)
-        except MlflowException as exc:  # pragma: no cover - the store just failed us once
-            log.warning("could not remove half-registered version: %s", mlflow_message(exc))
+        tags = version_tags(run.data.tags)
+        self.version = register_version(self.model_info.model_uri, name, alias, tags)
+        return self.version
 
 
 class Terminated(KeyboardInterrupt):

@@ -25,7 +25,7 @@ from models.bundle import WEIGHTS
 from tests.app.conftest import make_settings
 from tests.app.test_predict import post_image
 from tests.app.test_service import metric
-from training.cli import main
+from loomwatch.cli import main
 
 
 def slow_upload(image: bytes, started: threading.Event, go: threading.Event) -> Iterator[bytes]:

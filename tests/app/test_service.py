@@ -15,7 +15,7 @@ from app.model import name_and_version
 from bench.live_server import live_server
 from tests.app.conftest import make_settings
 from tests.app.test_predict import post_image
-from training.cli import main
+from loomwatch.cli import main
 
 
 def metric(text: str, line_start: str) -> float:

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from bench.live_server import loomwatch_command
 from tests.training.test_cli import TINY_SET
-from training.cli import main
+from loomwatch.cli import main
 
 FULL_RUN = os.environ.get("LOOMWATCH_RELIABILITY_FULL") == "1"
 pytestmark = pytest.mark.skipif(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import main
+from loomwatch.cli import main
 
 TINY_SET = [
     "--set", "model.backbone=resnet18", "--set", "model.pretrained=false",

@@ -18,7 +18,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from training.model_uri import resolve_model_uri
+from tracking.uris import resolve_model_uri
 
 from .test_tracking import aliases, artifact_paths, images, train_cli
 

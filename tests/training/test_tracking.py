@@ -18,11 +18,13 @@ import pandas as pd
 import pytest
 from mlflow.entities import Run
 
-from training.cli import main
+from loomwatch.cli import main
 from training.config import load_config
 from training.data import fingerprint, load_dataset
-from training.model_uri import ModelUriError, pin_model_uri, resolve_model_uri
-from training.tracking import TAG, artifact_location, tracking_uri, training_run, use_tracking_store
+from tracking.store import ModelUriError, artifact_location, tracking_uri, use_tracking_store
+from tracking.uris import pin_model_uri, resolve_model_uri
+from tracking.registry import TAG
+from training.runs import training_run
 from training.train import train
 
 from .test_cli import TINY_SET

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.cli import main
+from loomwatch.cli import main
 
 TINY_VAE = [
     "--set", "model.max_epochs=2", "--set", "model.base_channels=8", "--set", "model.depth=3",

@@ -1,0 +1,1 @@
+"""Loomwatch: the ``loomwatch`` command line, the one place that wires training and serving."""
