@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
@@ -42,7 +43,25 @@ class EpochLog:
 
 
 EpochCallback = Callable[[EpochLog], None]
-TileData = Dataset[tuple[torch.Tensor, torch.Tensor]]
+Tile = tuple[torch.Tensor, torch.Tensor]
+
+
+class TileData(Dataset[Tile], ABC):
+    """Training tiles: a sized dataset of (image [1,T,T] float in [0,1], valid [1,T,T] bool)."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> Tile: ...
+
+
+@dataclass
+class ReportPanel:
+    """A picture a model offers for evaluation reports: one row per sample tile."""
+
+    title: str
+    image: np.ndarray  # BGR uint8
 
 
 @dataclass
@@ -101,6 +120,11 @@ class AnomalyModel(nn.Module, ABC):
 
         The image score must only use valid pixels.
         """
+
+    def report_panels(self, tiles: torch.Tensor, valid: torch.Tensor) -> list[ReportPanel]:
+        """Pictures of how the model sees sample tiles [B,1,H,W] in [0,1] (``valid`` bool), for
+        the evaluation report, such as reconstructions; none by default."""
+        return []
 
     def prepare_state(self, state: dict[str, torch.Tensor]) -> None:
         """Resize buffers whose shape is only known after fitting, before load_state_dict."""

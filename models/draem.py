@@ -3,7 +3,10 @@ embedding for surface anomaly detection", ICCV 2021): a reconstructive network l
 tile with a synthetic defect back into defect-free fabric, and a discriminative U-Net, shown the
 input beside its reconstruction, learns to segment where the two differ for a reason.
 
-Read top to bottom: the networks, the loss, fitting (with synthesis), scoring.
+Read top to bottom: the networks, the loss, fitting (with synthesis), scoring. The parts it
+shares with the VAE (input normalisation, GroupNorm and the upsampling block, padding, SSIM,
+smoothing over fabric, the reconstruction figure of reports) are in models/components.py; the
+epoch loop in models/epochs.py.
 
 Choices, and why:
 
@@ -16,8 +19,8 @@ Choices, and why:
   compute the same function.
   Tiles whose size is not a multiple of the coarsest level are padded and cropped back.
 - Input: ``input_norm: tile`` standardises each tile by its fabric median and MAD (see
-  models/vae.py: the fabric is low contrast and its brightness drifts); padding is set to the
-  fabric median. The clean target is normalised with the augmented tile's statistics.
+  models/components.py: the fabric is low contrast and its brightness drifts); padding is set to
+  the fabric median. The clean target is normalised with the augmented tile's statistics.
 - Loss: L2 + ``ssim_weight`` * (1 - mean SSIM) on the reconstruction (against the clean tile),
   plus focal loss (``focal_gamma``, 2 in the paper) on the segmentation, over fabric pixels.
 - Synthesis: models/synthesis.py (Perlin + texture, and textile-shaped defects), mixed by the
@@ -47,9 +50,7 @@ CPU preset: training/configs/draem-cpu.yaml.
 from __future__ import annotations
 
 import itertools
-import logging
 import math
-import time
 from typing import Any, Literal
 
 import numpy as np
@@ -57,15 +58,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from torch.utils.data import DataLoader
 
 from models.augment import AugmentConfig, random_affine
-from models.base import AnomalyModel, FitContext, ModelConfig, ModelOutput, TileData
-from models.epochs import EpochOutcome, EpochTotals, batches, run_epochs
+from models.base import FitContext, ModelConfig, ModelOutput, TileData
+from models.components import Reconstructor, group_norm, smooth_on_fabric, ssim_map, up_block
+from models.epochs import fit_epochs
 from models.synthesis import SynthesisConfig, SynthesisMix
-from models.vae import Normalised, normalise, smooth_on_fabric, ssim_map
-
-log = logging.getLogger(__name__)
 
 
 class DraemConfig(ModelConfig):
@@ -103,24 +101,11 @@ class DraemConfig(ModelConfig):
 
 
 # ---- networks ---------------------------------------------------------------------------------
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(8, channels), channels)
-
-
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), _norm(c_out), nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, kernel_size=3, padding=1), _norm(c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), group_norm(c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, kernel_size=3, padding=1), group_norm(c_out), nn.ReLU(inplace=True),
     )  # fmt: skip
-
-
-def up_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="nearest"),
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
-        _norm(c_out),
-        nn.ReLU(inplace=True),
-    )
 
 
 def level_channels(base: int, depth: int) -> list[int]:
@@ -153,7 +138,9 @@ class ReconstructiveNet(nn.Module):
         super().__init__()
         channels = level_channels(base, depth)[::-1]
         self.encoder = Encoder(1, base, depth)
-        self.ups = nn.ModuleList(up_block(a, b) for a, b in itertools.pairwise(channels))
+        self.ups = nn.ModuleList(
+            up_block(a, b, nn.ReLU(inplace=True)) for a, b in itertools.pairwise(channels)
+        )
         self.blocks = nn.ModuleList(conv_block(b, b) for b in channels[1:])
         self.head = nn.Conv2d(channels[-1], 1, kernel_size=3, padding=1)
 
@@ -172,7 +159,9 @@ class DiscriminativeNet(nn.Module):
         super().__init__()
         channels = level_channels(base, depth)[::-1]
         self.encoder = Encoder(2, base, depth)
-        self.ups = nn.ModuleList(up_block(a, b) for a, b in itertools.pairwise(channels))
+        self.ups = nn.ModuleList(
+            up_block(a, b, nn.ReLU(inplace=True)) for a, b in itertools.pairwise(channels)
+        )
         self.blocks = nn.ModuleList(conv_block(2 * b, b) for b in channels[1:])
         self.head = nn.Conv2d(channels[-1], 2, kernel_size=3, padding=1)
 
@@ -207,11 +196,12 @@ def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the model --------------------------------------------------------------------------------
-class Draem(AnomalyModel):
+class Draem(Reconstructor):
     model_type = "draem"
     config_class = DraemConfig
     config: DraemConfig
     selects_best_state = True
+    map_name = "anomaly map"
 
     def __init__(self, config: DraemConfig, load_weights: bool = True) -> None:
         super().__init__(config, load_weights)  # no external weights to load
@@ -219,13 +209,13 @@ class Draem(AnomalyModel):
         self.discriminative = DiscriminativeNet(config.disc_channels, config.disc_depth)
 
     # ---- passes -----------------------------------------------------------------------------
-    def _normalise(self, tiles: torch.Tensor, valid: torch.Tensor | None) -> Normalised:
-        return normalise(tiles, valid, self.config.input_norm == "tile")
+    @property
+    def per_tile_input(self) -> bool:
+        return self.config.input_norm == "tile"
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        multiple = 2 ** max(self.config.recon_depth, self.config.disc_depth)
-        pad_y, pad_x = -x.shape[-2] % multiple, -x.shape[-1] % multiple
-        return F.pad(x, (0, pad_x, 0, pad_y), mode="replicate") if pad_y or pad_x else x
+    @property
+    def size_multiple(self) -> int:
+        return int(2 ** max(self.config.recon_depth, self.config.disc_depth))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised tiles [B,1,H,W] -> reconstruction [B,1,H,W] and logits [B,2,H,W]."""
@@ -235,11 +225,10 @@ class Draem(AnomalyModel):
         height, width = x.shape[-2:]
         return x_hat[..., :height, :width], logits[..., :height, :width]
 
-    @torch.inference_mode()
-    def reconstruct(self, tiles: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        normalised = self._normalise(tiles, valid)
-        x_hat, _ = self._forward(normalised.x)
-        return normalised.to_input_space(x_hat).clamp(0.0, 1.0)
+    def reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstructive network alone (as in ``_forward``)."""
+        x_hat: torch.Tensor = self.reconstructive(self._pad(x))
+        return x_hat[..., : x.shape[-2], : x.shape[-1]]
 
     # ---- fitting ----------------------------------------------------------------------------
     def vary(
@@ -295,77 +284,60 @@ class Draem(AnomalyModel):
                  "focal": focal.item()}  # fmt: skip
         return total, parts
 
-    def _train_epoch(
+    def _train_step(
         self,
-        loader: DataLoader[Any],
+        tiles: torch.Tensor,
+        valid: torch.Tensor,
+        lr: float,
         optimiser: torch.optim.Optimizer,
-        context: FitContext,
         mix: SynthesisMix,
         rng: np.random.Generator,
         generator: torch.Generator,
-        epoch: int,
-        stop_at: float,
-    ) -> EpochTotals:
-        """One pass over the tiles; stops early (finished=False) at ``stop_at`` or a NaN loss."""
-        totals = EpochTotals()
-        steps = len(loader)
-        for index, (tiles, valid) in enumerate(batches(loader, context, epoch)):
-            if time.monotonic() >= stop_at:
-                return totals
-            progress = max(
-                (epoch + index / steps) / self.config.max_epochs, 1 - context.budget_left()
-            )
-            lr = scheduled_lr(self.config, progress)
-            for group in optimiser.param_groups:
-                group["lr"] = lr
-            tiles, valid = self.vary(tiles, valid, generator)
-            augmented, masks = self.synthesise(tiles, valid, mix, rng)
-            loss, parts = self.loss(tiles, augmented, masks, valid)
-            if not math.isfinite(parts["loss"]):
-                log.warning("DRAEM loss is not finite; fitting stops")
-                totals.non_finite = True
-                return totals
+    ) -> dict[str, float]:
+        """One step on a batch at learning rate ``lr``; no step when the loss is not finite."""
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        tiles, valid = self.vary(tiles, valid, generator)
+        augmented, masks = self.synthesise(tiles, valid, mix, rng)
+        loss, parts = self.loss(tiles, augmented, masks, valid)
+        if math.isfinite(parts["loss"]):
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            totals.add(parts, last={"lr": lr})
-        totals.finished = True
-        return totals
+        return parts
 
     def _texture_tiles(self, tiles: TileData, rng: np.random.Generator) -> list[np.ndarray]:
-        count = len(tiles)  # type: ignore[arg-type]
+        count = len(tiles)
         chosen = rng.permutation(count)[: self.config.texture_tiles]
         return [tiles[int(i)][0][0].numpy() for i in chosen]
 
     def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
-        if len(tiles) == 0:  # type: ignore[arg-type]
+        if len(tiles) == 0:
             raise ValueError("no defect-free tiles to fit DRAEM on")
         generator = torch.Generator().manual_seed(context.seed)
         rng = np.random.default_rng(context.seed)
         mix = SynthesisMix(self.config.synthesis, self._texture_tiles(tiles, rng))
-        loader: DataLoader[Any] = DataLoader(
-            tiles, batch_size=context.batch_size, shuffle=True, generator=generator
-        )
         optimiser = torch.optim.Adam(self.parameters(), lr=self.config.lr)
 
-        def step(epoch: int, stop_at: float) -> EpochOutcome | None:
-            totals = self._train_epoch(
-                loader, optimiser, context, mix, rng, generator, epoch, stop_at
-            )
-            return totals.outcome()
+        def train_batch(
+            progress: float, tiles: torch.Tensor, valid: torch.Tensor
+        ) -> tuple[dict[str, float], dict[str, float]]:
+            share = max(progress / self.config.max_epochs, 1 - context.budget_left())
+            lr = scheduled_lr(self.config, share)
+            parts = self._train_step(tiles, valid, lr, optimiser, mix, rng, generator)
+            return parts, {"lr": lr}
 
-        summary = run_epochs(
+        return fit_epochs(
             self,
+            tiles,
             context,
-            step,
+            train_batch,
+            generator=generator,
             max_epochs=self.config.max_epochs,
             loss_key="loss",
             name="draem",
-            steps_per_epoch=len(loader),
             validate_every=self.config.validate_every,
         )
-        summary["train_tiles"] = float(len(tiles))  # type: ignore[arg-type]
-        return summary
 
     # ---- scoring ----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,9 +1,11 @@
 """The epoch loop shared by the models that train by gradient descent (VAE, DRAEM).
 
-It runs epochs until ``max_epochs`` or the deadline, keeps the best state by the validation
-criterion (``FitContext.validate``, higher is better) or else by the lowest value of a loss the
-model names, reports one :class:`EpochLog` per epoch, shows progress, and restores the best
-state at the end. Training time is not thrown away: the epoch the deadline cuts short counts
+:func:`fit_epochs` is the whole fit: shuffled batches of the tiles, one training step per batch
+(the model's own), epochs under the deadline. :func:`run_epochs` runs the epochs until
+``max_epochs`` or the deadline, keeps the best state by the validation criterion
+(``FitContext.validate``, higher is better) or else by the lowest value of a loss the model
+names, reports one :class:`EpochLog` per epoch, shows progress, and restores the best state at
+the end. Training time is not thrown away: the epoch the deadline cuts short counts
 (its metrics are the mean over the batches it ran, ``epoch_fraction`` says how many), and the
 time the last validation took is kept back from training so that the final state is scored
 before the deadline too. On a loaded CPU one DRAEM epoch can take minutes; discarding the
@@ -21,9 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.base import EpochLog, FitContext
+from models.base import EpochLog, FitContext, TileData
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,71 @@ def batches(loader: Iterable[Any], context: FitContext, epoch: int) -> Iterator[
     CPU one epoch can take minutes, and the epoch bar alone would show nothing for that long.
     """
     yield from tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not context.progress)
+
+
+# One training step on a batch, ``(progress, tiles, valid)`` -> (metrics averaged over the
+# epoch, values reported as at its last batch); ``progress`` counts epochs, fractions included.
+# The metrics hold "loss": fitting stops when it is not finite.
+BatchStep = Callable[[float, torch.Tensor, torch.Tensor], tuple[dict[str, float], dict[str, float]]]
+
+
+def train_epoch(
+    loader: DataLoader[Any],
+    context: FitContext,
+    train_batch: BatchStep,
+    epoch: int,
+    stop_at: float,
+    name: str,
+) -> EpochTotals:
+    """One pass over the tiles; stops early (finished=False) at ``stop_at`` or a NaN loss."""
+    totals = EpochTotals()
+    steps = len(loader)
+    for index, (tiles, valid) in enumerate(batches(loader, context, epoch)):
+        if time.monotonic() >= stop_at:
+            return totals
+        values, last = train_batch(epoch + index / steps, tiles, valid)
+        if not math.isfinite(values["loss"]):
+            log.warning("%s loss is not finite at epoch %d; fitting stops", name, epoch)
+            totals.non_finite = True
+            return totals
+        totals.add(values, last)
+    totals.finished = True
+    return totals
+
+
+def fit_epochs(
+    model: nn.Module,
+    tiles: TileData,
+    context: FitContext,
+    train_batch: BatchStep,
+    *,
+    generator: torch.Generator,
+    max_epochs: int,
+    loss_key: str,
+    name: str,
+    validate_every: int = 1,
+) -> dict[str, Any]:
+    """Fit by epochs of shuffled batches (shuffled by ``generator``) under the deadline, keeping
+    the best state (:func:`run_epochs`); returns the summary, with the number of tiles."""
+    loader: DataLoader[Any] = DataLoader(
+        tiles, batch_size=context.batch_size, shuffle=True, generator=generator
+    )
+
+    def step(epoch: int, stop_at: float) -> EpochOutcome | None:
+        return train_epoch(loader, context, train_batch, epoch, stop_at, name).outcome()
+
+    summary = run_epochs(
+        model,
+        context,
+        step,
+        max_epochs=max_epochs,
+        loss_key=loss_key,
+        name=name,
+        steps_per_epoch=len(loader),
+        validate_every=validate_every,
+    )
+    summary["train_tiles"] = float(len(tiles))
+    return summary
 
 
 @dataclass

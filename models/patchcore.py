@@ -288,9 +288,9 @@ class PatchCore(AnomalyModel):
 
     def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
         started = time.monotonic()
-        if len(tiles) == 0:  # type: ignore[arg-type]
+        if len(tiles) == 0:
             raise ValueError("no defect-free tiles to fit PatchCore on")
-        count = len(tiles)  # type: ignore[arg-type]
+        count = len(tiles)
         loader: DataLoader[Any] = DataLoader(tiles, batch_size=context.batch_size, shuffle=False)
         adapt = self.config.adapt_batchnorm
         if adapt or (adapt is None and not self.config.pretrained and not self.config.weights_file):

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from models.base import TileData
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def valid_fraction(valid: np.ndarray, box: Box) -> float:
     return float(valid[box.y0 : box.y1, box.x0 : box.x1].mean())
 
 
-class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+class TileDataset(TileData):
     """Tiles of several grey images as (image [1,T,T] float in [0,1], valid [1,T,T] bool).
 
     Holds the uint8 images once and cuts tiles on access, so memory stays that of the images.

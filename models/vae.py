@@ -2,7 +2,10 @@
 reconstruction baseline. A tile that the model, trained on defect-free fabric only, cannot
 reconstruct well is anomalous where the reconstruction fails.
 
-Read top to bottom: input normalisation, the network, the loss, fitting, scoring, a figure.
+Read top to bottom: the network, the loss, fitting, scoring. The parts it shares with DRAEM
+(input normalisation, GroupNorm and the upsampling block, padding, SSIM, smoothing over fabric,
+the reconstruction figure of reports) are in models/components.py; the epoch loop in
+models/epochs.py.
 
 Choices, and why:
 
@@ -17,8 +20,8 @@ Choices, and why:
   The KL term, not only the narrow code, keeps the network from copying its input.
 - Blocks: stride-2 4x4 convolutions down; nearest upsampling then a 3x3 convolution up (transposed
   convolutions leave checkerboard artifacts, which would show in every error map). GroupNorm, not
-  BatchNorm: no batch statistics, so fitting and scoring compute the same function. Weights are
-  kept channels_last, which roughly halves convolution time on a CPU.
+  BatchNorm: no batch statistics, so fitting and scoring compute the same function. LeakyReLU.
+  Weights are kept channels_last, which roughly halves convolution time on a CPU.
   Defaults (base 32 channels doubling to 256, depth 4, 16 latent channels) cost about 1.7 GMAC per
   256 x 256 tile, affordable on a CPU.
 - Input: ``input_norm: tile`` standardises each tile by the median and the median absolute
@@ -43,25 +46,22 @@ Choices, and why:
 
 from __future__ import annotations
 
-import logging
-import math
-import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import cv2
-import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from torch.utils.data import DataLoader
 
-from models.base import AnomalyModel, FitContext, ModelConfig, ModelOutput, TileData
-from models.epochs import EpochOutcome, EpochTotals, batches, run_epochs
-from models.filters import gaussian_filter
-
-log = logging.getLogger(__name__)
+from models.base import FitContext, ModelConfig, ModelOutput, TileData
+from models.components import (
+    Normalised,
+    Reconstructor,
+    group_norm,
+    smooth_on_fabric,
+    ssim_map,
+    up_block,
+)
+from models.epochs import fit_epochs
 
 
 class VAEConfig(ModelConfig):
@@ -86,38 +86,6 @@ class VAEConfig(ModelConfig):
     topk: int = Field(default=100, ge=1, description="fabric pixels averaged by topk_mean")
 
 
-# ---- input normalisation ----------------------------------------------------------------------
-@dataclass
-class Normalised:
-    """Tiles in the model's working space, and how to map them back to [0, 1]."""
-
-    x: torch.Tensor  # [B,1,H,W]
-    weight: torch.Tensor  # [B,1,H,W] float, 1 on fabric
-    centre: torch.Tensor  # [B,1,1,1]
-    spread: torch.Tensor  # [B,1,1,1]
-
-    def to_input_space(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.spread + self.centre
-
-
-def normalise(tiles: torch.Tensor, valid: torch.Tensor | None, per_tile: bool) -> Normalised:
-    weight = torch.ones_like(tiles) if valid is None else valid.to(tiles.dtype)
-    on_fabric = tiles.flatten(1).masked_fill(weight.flatten(1) == 0, math.nan)
-    centre = _nan_median(on_fabric)
-    filled = torch.where(weight > 0, tiles, centre)
-    if not per_tile:
-        return Normalised(filled, weight, torch.zeros_like(centre), torch.ones_like(centre))
-    # Median absolute deviation (scaled to match the standard deviation of a normal law), with
-    # a floor of about 2.5 grey levels: the noise of a flat tile must not be blown up.
-    spread = (1.4826 * _nan_median((on_fabric - centre.flatten(1)).abs())).clamp_min(0.01)
-    return Normalised((filled - centre) / spread, weight, centre, spread)
-
-
-def _nan_median(values: torch.Tensor) -> torch.Tensor:
-    """[B,N] with NaN off fabric -> [B,1,1,1] median of each row (0 for a row of NaN)."""
-    return torch.nanmedian(values, dim=1).values.nan_to_num(0.0).view(-1, 1, 1, 1)
-
-
 # ---- network ----------------------------------------------------------------------------------
 def level_channels(config: VAEConfig) -> list[int]:
     """Channels after each encoder block, finest first."""
@@ -126,21 +94,10 @@ def level_channels(config: VAEConfig) -> list[int]:
     ]
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(8, channels), channels)
-
-
 def down_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), _norm(c_out), nn.LeakyReLU(0.2)
-    )
-
-
-def up_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="nearest"),
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
-        _norm(c_out),
+        nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1),
+        group_norm(c_out),
         nn.LeakyReLU(0.2),
     )
 
@@ -174,7 +131,10 @@ class Decoder(nn.Module):
         # The last block works at full resolution, the costliest level: half the channels.
         outs = [*channels[1:], max(channels[-1] // 2, 1)]
         self.body = nn.Sequential(
-            *[up_block(c_in, c_out) for c_in, c_out in zip(channels, outs, strict=True)]
+            *[
+                up_block(c_in, c_out, nn.LeakyReLU(0.2))
+                for c_in, c_out in zip(channels, outs, strict=True)
+            ]
         )
         self.head = nn.Conv2d(outs[-1], 1, kernel_size=3, padding=1)
 
@@ -205,7 +165,7 @@ def kl_weight(config: VAEConfig, progress_epochs: float) -> float:
 
 
 # ---- the model --------------------------------------------------------------------------------
-class VAE(AnomalyModel):
+class VAE(Reconstructor):
     model_type = "vae"
     config_class = VAEConfig
     config: VAEConfig
@@ -219,13 +179,13 @@ class VAE(AnomalyModel):
         self.to(memory_format=torch.channels_last)
 
     # ---- passes -----------------------------------------------------------------------------
-    def _normalise(self, tiles: torch.Tensor, valid: torch.Tensor | None) -> Normalised:
-        return normalise(tiles, valid, self.config.input_norm == "tile")
+    @property
+    def per_tile_input(self) -> bool:
+        return self.config.input_norm == "tile"
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        multiple = 2**self.config.depth
-        pad_y, pad_x = -x.shape[-2] % multiple, -x.shape[-1] % multiple
-        return F.pad(x, (0, pad_x, 0, pad_y), mode="replicate") if pad_y or pad_x else x
+    @property
+    def size_multiple(self) -> int:
+        return int(2**self.config.depth)
 
     def _forward(
         self, x: torch.Tensor, generator: torch.Generator | None
@@ -239,12 +199,10 @@ class VAE(AnomalyModel):
         x_hat = self.decoder(z)[..., : x.shape[-2], : x.shape[-1]]
         return x_hat, mu, logvar
 
-    @torch.inference_mode()
-    def reconstruct(self, tiles: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Posterior-mean reconstruction of tiles [B,1,H,W] in [0,1], same shape and range."""
-        normalised = self._normalise(tiles, valid)
-        x_hat, _, _ = self._forward(normalised.x, None)
-        return normalised.to_input_space(x_hat).clamp(0.0, 1.0)
+    def reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior-mean reconstruction of normalised tiles."""
+        x_hat, _, _ = self._forward(x, None)
+        return x_hat
 
     # ---- fitting ----------------------------------------------------------------------------
     def _train_step(
@@ -265,58 +223,31 @@ class VAE(AnomalyModel):
         optimiser.step()
         return loss.item(), recon.item(), kl.item()
 
-    def _train_epoch(
-        self,
-        loader: DataLoader[Any],
-        epoch: int,
-        optimiser: torch.optim.Optimizer,
-        context: FitContext,
-        generator: torch.Generator,
-        stop_at: float,
-    ) -> EpochTotals:
-        """One pass over the tiles; stops early (finished=False) at ``stop_at`` or a NaN loss."""
-        totals = EpochTotals()
-        steps = len(loader)
-        for step, (tiles, valid) in enumerate(batches(loader, context, epoch)):
-            if time.monotonic() >= stop_at:
-                return totals
-            beta = kl_weight(self.config, epoch + step / steps)
-            loss, recon, kl = self._train_step(tiles, valid, beta, optimiser, generator)
-            if not math.isfinite(loss):
-                log.warning("VAE loss is not finite at epoch %d; fitting stops", epoch)
-                totals.non_finite = True
-                return totals
-            # neg_elbo at the full beta: comparable across epochs of the warm-up
-            neg_elbo = recon + self.config.beta * kl
-            totals.add({"loss": loss, "recon": recon, "kl": kl, "neg_elbo": neg_elbo},
-                       last={"beta": beta})  # fmt: skip
-        totals.finished = True
-        return totals
-
     def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
-        if len(tiles) == 0:  # type: ignore[arg-type]
+        if len(tiles) == 0:
             raise ValueError("no defect-free tiles to fit the VAE on")
         generator = torch.Generator().manual_seed(context.seed)
-        loader: DataLoader[Any] = DataLoader(
-            tiles, batch_size=context.batch_size, shuffle=True, generator=generator
-        )
         optimiser = torch.optim.Adam(self.parameters(), lr=self.config.lr)
 
-        def step(epoch: int, stop_at: float) -> EpochOutcome | None:
-            totals = self._train_epoch(loader, epoch, optimiser, context, generator, stop_at)
-            return totals.outcome()
+        def train_batch(
+            progress: float, tiles: torch.Tensor, valid: torch.Tensor
+        ) -> tuple[dict[str, float], dict[str, float]]:
+            beta = kl_weight(self.config, progress)
+            loss, recon, kl = self._train_step(tiles, valid, beta, optimiser, generator)
+            # neg_elbo at the full beta: comparable across epochs of the warm-up
+            neg_elbo = recon + self.config.beta * kl
+            return {"loss": loss, "recon": recon, "kl": kl, "neg_elbo": neg_elbo}, {"beta": beta}
 
-        summary = run_epochs(
+        return fit_epochs(
             self,
+            tiles,
             context,
-            step,
+            train_batch,
+            generator=generator,
             max_epochs=self.config.max_epochs,
             loss_key="neg_elbo",
             name="vae",
-            steps_per_epoch=len(loader),
         )
-        summary["train_tiles"] = float(len(tiles))  # type: ignore[arg-type]
-        return summary
 
     # ---- scoring ----------------------------------------------------------------------------
     def error_map(self, normalised: Normalised, x_hat: torch.Tensor) -> torch.Tensor:
@@ -331,40 +262,9 @@ class VAE(AnomalyModel):
     @torch.inference_mode()
     def predict(self, tiles: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
         normalised = self._normalise(tiles, valid)
-        x_hat, _, _ = self._forward(normalised.x, None)
-        maps = self.error_map(normalised, x_hat)[:, 0]
+        maps = self.error_map(normalised, self.reconstruction(normalised.x))[:, 0]
         scores = image_scores(maps, valid[:, 0], self.config.score, self.config.topk)
         return ModelOutput(anomaly_map=maps, score=scores)
-
-
-def ssim_map(
-    a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5, data_range: float = 1.0
-) -> torch.Tensor:
-    """Local SSIM (Wang et al., 2004) of [B,1,H,W] images with a Gaussian window; same shape.
-
-    In the tile-standardised space ``data_range`` 1 is one tile spread, which keeps the
-    stabilising constants small next to the local variance of the weave.
-    """
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    moments = gaussian_filter(torch.cat([a, b, a * a, b * b, a * b], dim=1), sigma)
-    mu_a, mu_b, aa, bb, ab = moments.split(1, dim=1)
-    var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
-    luminance = (2.0 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
-    structure = (2.0 * cov + c2) / (var_a + var_b + c2)
-    return luminance * structure
-
-
-def smooth_on_fabric(error: torch.Tensor, weight: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing that averages over fabric pixels only, then zero outside fabric.
-
-    Dividing by the smoothed mask keeps values next to padding at their level instead of
-    pulling them towards the zeros outside (normalised convolution).
-    """
-    if sigma <= 0:
-        return error * weight
-    stacked = torch.cat([error * weight, weight], dim=1)
-    smoothed, coverage = gaussian_filter(stacked, sigma).split(1, dim=1)
-    return smoothed / coverage.clamp_min(1e-6) * weight
 
 
 def image_scores(maps: torch.Tensor, valid: torch.Tensor, mode: str, topk: int) -> torch.Tensor:
@@ -379,38 +279,3 @@ def image_scores(maps: torch.Tensor, valid: torch.Tensor, mode: str, topk: int) 
         else:
             scores[item] = values.topk(min(topk, values.numel())).values.mean()
     return scores
-
-
-# ---- a figure for reports ---------------------------------------------------------------------
-def _stretch(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
-    scaled = (pixels - low) / max(high - low, 1e-6) * 255.0
-    return np.asarray(np.clip(scaled, 0, 255), dtype=np.uint8)
-
-
-def reconstruction_figure(
-    model: VAE, tiles: torch.Tensor, valid: torch.Tensor, gap: int = 4
-) -> np.ndarray:
-    """BGR uint8 picture, one row per tile: input | reconstruction | error map.
-
-    Input and reconstruction share a contrast stretch, since the fabric is too low in contrast
-    to see otherwise: the reconstruction's 1st-99th percentile on fabric (it shows defect-free
-    fabric, so a large defect cannot flatten the stretch; defects clip to black or white).
-    Error maps share one colour scale over all rows (JET, 0 to the largest value), so rows
-    compare; padding is grey.
-    """
-    reconstruction = model.reconstruct(tiles, valid)[:, 0].numpy()
-    maps = model.predict(tiles, valid).anomaly_map.numpy()
-    images, masks = tiles[:, 0].numpy(), valid[:, 0].numpy()
-    top = max(float(maps.max()), 1e-6)
-    height, width = images.shape[-2:]
-    rows = []
-    for image, recon, error, mask in zip(images, reconstruction, maps, masks, strict=True):
-        fabric = recon[mask] if mask.any() else recon.ravel()
-        low, high = np.percentile(fabric, [1.0, 99.0])
-        grey = [cv2.cvtColor(_stretch(p, low, high), cv2.COLOR_GRAY2BGR) for p in (image, recon)]
-        heat = cv2.applyColorMap(_stretch(error, 0.0, top), cv2.COLORMAP_JET)
-        heat[~mask] = 128
-        spacer = np.full((height, gap, 3), 255, np.uint8)
-        rows.append(np.hstack([grey[0], spacer, grey[1], spacer, heat]))
-        rows.append(np.full((gap, 3 * width + 2 * gap, 3), 255, np.uint8))
-    return np.vstack(rows[:-1])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from models.overlay import encode_png, render_overlay, wrap_wide
@@ -38,7 +39,7 @@ class EvaluationResult:
     accumulator: EvaluationAccumulator
     misses: list[tuple[str, bytes]]
     # A few tiles worth looking at (the top tile of the first defective images, one clean tile):
-    # uint8 pixels and valid masks, for model-specific figures such as VAE reconstructions.
+    # uint8 pixels and valid masks, for the figures a model offers (its report_panels).
     sample_tiles: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
@@ -136,22 +137,18 @@ def _keep_sample_tile(
 
 
 def model_figures(detector: Detector, result: EvaluationResult) -> list[tuple[str, bytes]]:
-    """Figures a model type offers: for the VAE, input | reconstruction | error map."""
-    if detector.manifest.model_type != "vae" or not result.sample_tiles:
+    """The figures the model offers on the sample tiles (``AnomalyModel.report_panels``: for
+    the VAE and DRAEM, input | reconstruction | map), as (caption, PNG) pairs."""
+    if not result.sample_tiles:
         return []
-    import torch
-
-    from models.vae import VAE, reconstruction_figure
-
-    model = detector.model
-    assert isinstance(model, VAE)
     tiles = torch.from_numpy(np.stack([t for _, t, _ in result.sample_tiles])).float()[:, None]
     valid = torch.from_numpy(np.stack([v for _, _, v in result.sample_tiles]))[:, None]
     with torch.inference_mode():
-        picture = reconstruction_figure(model, tiles / 255.0, valid)
+        panels = detector.model.report_panels(tiles / 255.0, valid)
     names = ", ".join(name for name, _, _ in result.sample_tiles)
-    caption = f"Input | reconstruction | error map, one row per tile: {names}"
-    return [(caption, encode_png(picture))]
+    return [
+        (f"{panel.title}, one row per tile: {names}", encode_png(panel.image)) for panel in panels
+    ]
 
 
 def _png(prediction: Prediction, truth: np.ndarray | None) -> bytes:

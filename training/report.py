@@ -35,7 +35,7 @@ METRIC_DESCRIPTIONS = {
     "pixel_auroc": "AUROC over valid pixels",
     "aupro": "Area under the per-region overlap curve up to 30% pixel FPR, normalised",
     "pixel_ap": "Average precision over valid pixels",
-    "f1_max": "Best F1 over all thresholds (same units as image AUROC)",
+    "f1_max": "Best F1 over all thresholds (over tiles when images were tiled)",
 }
 HEADLINE_NAMES = {
     "image_auroc": "Image AUROC",
@@ -44,6 +44,12 @@ HEADLINE_NAMES = {
     "aupro": "AUPRO (FPR ≤ 0.3)",
     "pixel_ap": "Pixel AP",
     "f1_max": "F1-max",
+}
+# For tiled images ``image_auroc`` is over tiles (the key stays, for the JSON and MLflow): its
+# card says so. Tiled evaluations are the ones with a strip (whole-image) figure.
+TILED_HEADLINES = {
+    "image_auroc": ("Tile AUROC", "AUROC of tile scores, over the tiles of every image"),
+    "f1_max": ("F1-max", "Best F1 over all thresholds, over tiles"),
 }
 OTHER_DESCRIPTIONS = {
     "f1_max_threshold": "Raw score at which F1-max is reached",
@@ -159,12 +165,16 @@ def write_report(
 
 
 def _headline(metrics: dict[str, Any]) -> str:
+    tiled = "strip_auroc" in metrics
     cards = []
     for key, what in METRIC_DESCRIPTIONS.items():
         if key in metrics:
+            name = HEADLINE_NAMES[key]
+            if tiled and key in TILED_HEADLINES:
+                name, what = TILED_HEADLINES[key]
             cards.append(
                 f'<div class="card"><div class="value">{_format(metrics[key])}</div>'
-                f'<div class="name">{_text(HEADLINE_NAMES[key])}</div>'
+                f'<div class="name">{_text(name)}</div>'
                 f'<div class="what">{_text(what)}</div></div>'
             )
     return f'<div class="cards">{"".join(cards)}</div>' if cards else ""

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,8 +41,8 @@ def tiny(**changes: object) -> Draem:
     return Draem(DraemConfig.model_validate({**TINY, **changes}))
 
 
-def context(logs: list[EpochLog], **changes: object) -> FitContext:
-    return FitContext(callback=logs.append, progress=False, batch_size=4, **changes)  # type: ignore[arg-type]
+def context(logs: list[EpochLog], **changes: Any) -> FitContext:
+    return FitContext(callback=logs.append, progress=False, batch_size=4, **changes)
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,20 @@ def test_report_without_curves_or_images_links_nothing_missing(tmp_path: Path) -
     assert "only one class" in page
 
 
+def card_names(page: str) -> list[str]:
+    return re.findall(r'<div class="name">([^<]+)</div>', page)
+
+
+def test_the_auroc_card_of_tiled_images_is_named_a_tile_figure(tmp_path: Path) -> None:
+    tiled = write_report(tmp_path / "tiled", title="t", metrics=METRICS, curves={}, per_defect=[])
+    names = card_names(tiled.read_text(encoding="utf-8"))
+    assert names[:2] == ["Tile AUROC", "Strip AUROC"] and "Image AUROC" not in names
+    whole = {key: value for key, value in METRICS.items() if key != "strip_auroc"}
+    untiled = write_report(tmp_path / "whole", title="t", metrics=whole, curves={}, per_defect=[])
+    names = card_names(untiled.read_text(encoding="utf-8"))
+    assert names[0] == "Image AUROC" and "Tile AUROC" not in names
+
+
 def test_report_rejects_bytes_that_are_not_png(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="miss 1"):
         write_report(
