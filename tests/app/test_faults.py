@@ -3,11 +3,12 @@ MLflow tracking server down at start, and an inference log on a full or refusing
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +22,18 @@ from app.inference_log import InferenceLog
 from app.main import create_app
 from bench.hostile import BOUNDARY, MULTIPART_STREAM_TYPE
 from bench.live_server import free_port, live_server
-from models.bundle import WEIGHTS
-from tests.app.conftest import make_settings
-from tests.app.test_predict import post_image
-from tests.app.test_service import metric
 from loomwatch.cli import main
+from models.bundle import WEIGHTS
+from tests.helpers import make_settings, metric, post_image, wait_until
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The sockets a process holds open (``socket:[inode]`` links in /proc/<pid>/fd)."""
+    links = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            links.add(os.readlink(fd))
+    return {link for link in links if link.startswith("socket:")}
 
 
 def slow_upload(image: bytes, started: threading.Event, go: threading.Event) -> Iterator[bytes]:
@@ -41,6 +49,7 @@ def slow_upload(image: bytes, started: threading.Event, go: threading.Event) -> 
     yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
+@pytest.mark.slow
 def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(
     bundle: Path, defect_png: bytes, tmp_path: Path
 ) -> None:
@@ -55,20 +64,24 @@ def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(
                 httpx2.post(f"{server.url}/predict", content=body, headers=headers, timeout=60)
             )
 
+        before = socket_inodes(server.process.pid)
         client = threading.Thread(target=in_flight)
         client.start()
         assert started.wait(30)
-        time.sleep(0.5)  # the server has read the request line and headers
+        # SIGTERM only once the server has accepted the connection (a new socket of its own):
+        # it then reads the request line and headers already sent before it checks for shutdown.
+        wait_until(lambda: bool(socket_inodes(server.process.pid) - before), 30,
+                   "the server to accept the upload's connection")  # fmt: skip
         server.process.send_signal(signal.SIGTERM)
-        refused = False
-        deadline = time.monotonic() + 20
-        while not refused and time.monotonic() < deadline:
+
+        def refuses_new_connections() -> bool:
             try:
                 httpx2.get(f"{server.url}/health", timeout=1)
-                time.sleep(0.05)
             except httpx2.ConnectError:
-                refused = True
-        assert refused, "new connections were still accepted after SIGTERM"
+                return True
+            return False
+
+        wait_until(refuses_new_connections, 20, "the server to refuse new connections")
         assert server.process.poll() is None, "the server quit with a request in flight"
         go.set()
         client.join(60)
@@ -145,12 +158,12 @@ def test_an_unwritable_inference_log_never_fails_a_request_and_is_counted(
     with TestClient(create_app(make_settings(bundle, path))) as client:
         for _ in range(3):
             assert post_image(client, defect_png).status_code == 200
-        failures = 0.0
-        deadline = time.monotonic() + 10
-        while failures < 3 and time.monotonic() < deadline:  # written by a background thread
-            time.sleep(0.05)
-            failures = metric(client.get("/metrics").text, "loomwatch_inference_log_failures_total")
-        assert failures == 3
+
+        def failures() -> float:  # counted by the log's background thread
+            return metric(client.get("/metrics").text, "loomwatch_inference_log_failures_total")
+
+        wait_until(lambda: failures() >= 3, 10, "three failed log lines to be counted")
+        assert failures() == 3
     # leaving the `with` ran the shutdown, which closed the log on the same disk without raising
 
 

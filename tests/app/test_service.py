@@ -13,17 +13,8 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.model import name_and_version
 from bench.live_server import live_server
-from tests.app.conftest import make_settings
-from tests.app.test_predict import post_image
 from loomwatch.cli import main
-
-
-def metric(text: str, line_start: str) -> float:
-    """The value of the first sample line starting with `line_start`."""
-    for line in text.splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {line_start!r} in /metrics")
+from tests.helpers import make_settings, metric, post_image
 
 
 def test_health_ready_and_root(client: TestClient) -> None:
@@ -145,6 +136,7 @@ def test_serve_exits_non_zero_with_one_line_when_the_model_cannot_load(
     assert len(errors) == 1 and "no such bundle folder" in errors[0]
 
 
+@pytest.mark.slow
 def test_loomwatch_serve_answers_on_a_loopback_port(
     bundle: Path, defect_png: bytes, tmp_path: Path
 ) -> None:

@@ -13,14 +13,10 @@ import torch
 from mlflow import MlflowClient
 
 from bench.live_server import loomwatch_command
-from tests.training.test_cli import TINY_SET
 from loomwatch.cli import main
+from tests.helpers import TINY_SET
 
-FULL_RUN = os.environ.get("LOOMWATCH_RELIABILITY_FULL") == "1"
-pytestmark = pytest.mark.skipif(
-    not FULL_RUN,
-    reason="two real trainings (~40 s): runs in `make reliability` (LOOMWATCH_RELIABILITY_FULL=1)",
-)
+pytestmark = pytest.mark.slow  # two real trainings in subprocesses (~40 s)
 
 FIT_STARTS = "training images ->"  # logged by training.train just before the model is fitted
 

@@ -8,13 +8,7 @@ from pathlib import Path
 import pytest
 
 from loomwatch.cli import main
-
-TINY_SET = [
-    "--set", "model.backbone=resnet18", "--set", "model.pretrained=false",
-    "--set", "model.layer_dim=64", "--set", "model.embed_dim=32",
-    "--set", "model.coreset_ratio=0.05", "--set", "pipeline.tile_size=64",
-    "--set", "pipeline.stride=64",
-]  # fmt: skip
+from tests.helpers import TINY_SET
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +19,7 @@ def bundle(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_a_calibrated_bundle(bundle: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model_type"] == "patchcore"
@@ -34,6 +29,7 @@ def test_train_writes_a_calibrated_bundle(bundle: Path) -> None:
     assert "image_auroc" in manifest["metrics"]
 
 
+@pytest.mark.slow
 def test_evaluate_writes_json_and_report(bundle: Path, synth_data: Path, tmp_path: Path) -> None:
     out_json, report = tmp_path / "m.json", tmp_path / "report"
     args = ["--quiet", "evaluate", "--model-uri", str(bundle), "--data", str(synth_data)]
@@ -49,6 +45,7 @@ def test_evaluate_writes_json_and_report(bundle: Path, synth_data: Path, tmp_pat
     assert json.loads(out_json.read_text())["n_images"] > metrics["n_images"]
 
 
+@pytest.mark.slow
 def test_predict_writes_overlay_mask_and_json(
     bundle: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

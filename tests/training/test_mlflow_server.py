@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,9 +17,10 @@ import mlflow
 import pandas as pd
 import pytest
 
+from tests.helpers import aliases, artifact_paths, sample_images, train_cli, wait_until
 from tracking.uris import resolve_model_uri
 
-from .test_tracking import aliases, artifact_paths, images, train_cli
+pytestmark = pytest.mark.slow  # a real mlflow server and trainings
 
 STARTUP_SECONDS = 180  # generous: the server imports MLflow twice on a busy 2-core machine
 
@@ -33,18 +33,19 @@ def free_port() -> int:
 
 
 def wait_healthy(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         if server.poll() is not None:
             pytest.fail(f"mlflow server exited ({server.returncode}): {log.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
+                return bool(answer.status == 200)
         except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server not healthy after {STARTUP_SECONDS} s: {log.read_text()[-2000:]}")
+            return False
+
+    try:
+        wait_until(healthy, STARTUP_SECONDS, "the mlflow server's /health", interval=0.5)
+    except AssertionError as error:
+        pytest.fail(f"{error}: {log.read_text()[-2000:]}")
 
 
 def stop(server: subprocess.Popen[bytes]) -> None:
@@ -105,5 +106,5 @@ def test_train_and_register_through_a_real_tracking_server(
     bundle = resolve_model_uri("models:/fabric-http@champion")
     assert bundle.is_relative_to(tmp_path / "cache") and (bundle / "manifest.json").exists()
     model = mlflow.pyfunc.load_model("models:/fabric-http@champion")
-    scores = model.predict(pd.DataFrame({"image": images(synth_data)}))["score"]
+    scores = model.predict(pd.DataFrame({"image": sample_images(synth_data)}))["score"]
     assert len(scores) == 2 and scores.between(0.0, 1.0).all()

@@ -19,34 +19,23 @@ import pytest
 from mlflow.entities import Run
 
 from loomwatch.cli import main
+from tests.helpers import FAST_TRAIN, aliases, artifact_paths, sample_images, train_cli
+from tests.helpers import tracking_client as client
+from tracking.registry import TAG
+from tracking.store import ModelUriError, artifact_location, tracking_uri
+from tracking.uris import pin_model_uri, resolve_model_uri
 from training.config import load_config
 from training.data import fingerprint, load_dataset
-from tracking.store import ModelUriError, artifact_location, tracking_uri, use_tracking_store
-from tracking.uris import pin_model_uri, resolve_model_uri
-from tracking.registry import TAG
 from training.runs import training_run
 from training.train import train
 
-from .test_cli import TINY_SET
-
 NAME = "fabric-test"
-FAST = [*TINY_SET, "--set", "model.batchnorm_tiles=8"]  # batch-norm statistics from one batch
 # Clearly worse than TINY_SET: a memory bank of a few patches, one neighbour, little smoothing;
 # another seed, so its validation split (and fingerprint) differs too.
 WORSE = [
     "--set", "model.coreset_ratio=0.0005", "--set", "model.num_neighbors=1",
     "--set", "model.smoothing_sigma=0.5", "--seed", "1",
 ]  # fmt: skip
-
-
-def train_cli(data: Path, out: Path, *extra: str) -> int:
-    args = ["--quiet", "train", "--model", "patchcore", "--data", str(data), *FAST]
-    return main([*args, "--out", str(out), "--max-minutes", "2", *extra])
-
-
-def client() -> mlflow.MlflowClient:
-    use_tracking_store()
-    return mlflow.MlflowClient()
 
 
 def run_named(name: str) -> Run:
@@ -59,27 +48,9 @@ def run_named(name: str) -> Run:
     return runs[0]
 
 
-def aliases(name: str) -> dict[str, str]:
-    """Alias -> version as text (the SQLite store gives numbers, a server gives strings)."""
-    return {alias: str(v) for alias, v in client().get_registered_model(name).aliases.items()}
-
-
 def version_tags(name: str, version: str) -> dict[str, str]:
     tags: dict[str, str] = client().get_model_version(name, version).tags
     return tags
-
-
-def artifact_paths(run_id: str, path: str = "") -> set[str]:
-    found: set[str] = set()
-    for item in client().list_artifacts(run_id, path):
-        found |= artifact_paths(run_id, item.path) if item.is_dir else {item.path}
-    return found
-
-
-def images(data: Path) -> list[bytes]:
-    defect = sorted((data / "Defect_images").glob("*.png"))[0]
-    normal = sorted((data / "NoDefect_images").rglob("*.png"))[0]
-    return [defect.read_bytes(), normal.read_bytes()]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +60,7 @@ def good(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     return run_named("good-model")
 
 
+@pytest.mark.slow
 def test_train_logs_params_metrics_tags_and_artifacts(good: Run, synth_data: Path) -> None:
     assert good.info.status == "FINISHED"
     params = good.data.params
@@ -117,6 +89,7 @@ def test_train_logs_params_metrics_tags_and_artifacts(good: Run, synth_data: Pat
     assert math.isclose(logged["image_auroc"], metrics["image_auroc"])
 
 
+@pytest.mark.slow
 def test_registered_version_has_alias_and_pyfunc_scores_images(good: Run, synth_data: Path) -> None:
     assert aliases(NAME) == {"champion": "1"}
     version = client().get_model_version(NAME, "1")
@@ -129,18 +102,19 @@ def test_registered_version_has_alias_and_pyfunc_scores_images(good: Run, synth_
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     signature = model.metadata.signature
     assert signature is not None and signature.inputs.input_names() == ["image"]
-    result = model.predict(pd.DataFrame({"image": images(synth_data)}))
+    result = model.predict(pd.DataFrame({"image": sample_images(synth_data)}))
     assert list(result["decision"].unique()) != [] and len(result) == 2
     assert result["score"].between(0.0, 1.0).all() and result["raw_score"].notna().all()
     assert set(result["decision"]) <= {"anomalous", "normal"}
     assert result["score"].iloc[0] >= result["score"].iloc[1]  # the defect scores higher
     # The same column as base64 text (how JSON clients send it) and the threshold parameter.
-    encoded = [base64.b64encode(data).decode() for data in images(synth_data)]
+    encoded = [base64.b64encode(data).decode() for data in sample_images(synth_data)]
     strict = model.predict(pd.DataFrame({"image": encoded}), params={"threshold": 0.99})
     assert (strict["threshold"] == 0.99).all()
     assert strict["score"].tolist() == pytest.approx(result["score"].tolist())
 
 
+@pytest.mark.slow
 def test_model_uris_resolve_through_mlflow_and_are_cached(
     good: Run, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -183,6 +157,7 @@ def test_model_uris_resolve_through_mlflow_and_are_cached(
         assert err.startswith("loomwatch: error:") and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_promote_moves_champion_only_on_a_better_figure(
     good: Run, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -236,7 +211,7 @@ def test_a_failing_run_ends_failed_and_registers_nothing(
 
 
 def test_an_interrupted_run_ends_killed(synth_data: Path, tmp_path: Path) -> None:
-    config, _ = load_config("patchcore", None, FAST[1::2])
+    config, _ = load_config("patchcore", None, FAST_TRAIN[1::2])
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt  # as Ctrl-C would, from inside training

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from loomwatch.cli import main
+
+pytestmark = pytest.mark.slow  # a real VAE training through the CLI
 
 TINY_VAE = [
     "--set", "model.max_epochs=2", "--set", "model.base_channels=8", "--set", "model.depth=3",
