@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 
+from app.listen import listen_problem, setting_error, settings_with
 from app.main import create_app
 from app.model import StartupError
-from app.settings import Settings
 
 EXIT_STARTUP_FAILED = 2
 log = logging.getLogger("loomwatch.app")
@@ -51,51 +48,6 @@ def _ignore_signal(signum: int, frame: FrameType | None) -> None:
     log.info("stopped by signal %d", signum)
 
 
-def _settings(model_uri: str | None, host: str | None, port: int | None) -> Settings:
-    given: dict[str, Any] = {"model_uri": model_uri, "host": host, "port": port}
-    return Settings(**{key: value for key, value in given.items() if value is not None})
-
-
-def listen_problem(host: str, port: int) -> str | None:
-    """Why the service could not listen on host:port right now, in one line; None if it can.
-
-    Checked before the model is loaded, so a taken port fails in a second, not after start-up.
-    The probe binds as uvicorn does (SO_REUSEADDR: a port in TIME_WAIT is free) and lets go.
-    """
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as exc:
-        return f"cannot listen on {host}: {exc.strerror}; choose another with --host or HOST"
-    try:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return (
-                f"port {port} on {host} is already in use; choose another with --port N (or PORT=N)"
-            )
-        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-    return None
-
-
-def address_problem(host: str | None = None, port: int | None = None) -> str | None:
-    """Why `run(host=host, port=port)` could not listen (its settings, or the port), or None."""
-    try:
-        settings = _settings(None, host, port)
-    except ValidationError as exc:
-        return _setting_error(exc)
-    return listen_problem(settings.host, settings.port)
-
-
-def _setting_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]).upper()
-    return f"setting {where}: {first['msg']}"
-
-
 def run(model_uri: str | None = None, host: str | None = None, port: int | None = None) -> int:
     """Serve until interrupted; arguments override the settings (environment, .env).
 
@@ -104,9 +56,9 @@ def run(model_uri: str | None = None, host: str | None = None, port: int | None 
     (no model, a bad setting, a port already taken: all before the model is loaded).
     """
     try:
-        settings = _settings(model_uri, host, port)
+        settings = settings_with(model_uri, host, port)
     except ValidationError as exc:
-        print(f"loomwatch: error: {_setting_error(exc)}", file=sys.stderr)
+        print(f"loomwatch: error: {setting_error(exc)}", file=sys.stderr)
         return EXIT_STARTUP_FAILED
     if not settings.model_uri:
         print("loomwatch: error: no model: pass --model-uri or set MODEL_URI", file=sys.stderr)

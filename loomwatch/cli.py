@@ -334,7 +334,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app.server import run  # it checks the port before it loads the model
+    from app.listen import address_problem
+
+    problem = address_problem(args.host, args.port)  # before the app, torch and the model load
+    if problem:
+        raise CliError(problem)
+    from app.server import run
 
     return run(model_uri=args.model_uri, host=args.host, port=args.port)
 
@@ -358,7 +363,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Fresh machine: synthetic fabric -> PatchCore (random backbone) -> MLflow, registered with
     alias champion -> evaluate and predict through the registry -> serve it."""
     if not args.no_serve:  # a taken port fails now, not after minutes of training
-        from app.server import address_problem
+        from app.listen import address_problem
 
         problem = address_problem(args.host, args.port)
         if problem:

@@ -31,9 +31,9 @@ def loaded_after(code: str) -> list[str]:
     return loaded
 
 
-def test_help_imports_neither_torch_nor_mlflow_nor_the_data_loaders() -> None:
+def test_help_and_the_port_check_import_neither_torch_nor_mlflow_nor_the_data_loaders() -> None:
     code = (
-        "import contextlib, io\nfrom loomwatch.cli import main\n"
+        "import contextlib, io\nfrom loomwatch.cli import main\nimport app.listen\n"
         "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "    main(['--help'])\n"
         "    main(['train', '--help'])"
