@@ -111,6 +111,7 @@ def own_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("missing", None, "does not exist"),
         ("empty", None, "data layout not recognised"),
         ("synth", "99", "fabric"),
+        ("only-defects", None, "no defect-free images"),
     ],
 )
 def test_train_checks_its_data_before_any_mlflow_run(
@@ -123,8 +124,12 @@ def test_train_checks_its_data_before_any_mlflow_run(
 ) -> None:
     folder = {"missing": own_store.parent / "missing", "synth": synth_data}.get(data)
     if folder is None:
-        folder = own_store.parent / "empty"
+        folder = own_store.parent / data
         folder.mkdir()
+        if data == "only-defects":
+            (folder / "anomalous").mkdir()
+            for path in sorted((synth_data / "Defect_images").glob("*.png"))[:2]:
+                (folder / "anomalous" / path.name).write_bytes(path.read_bytes())
     args = ["train", "--model", "patchcore", "--data", str(folder), "--config", "patchcore-cpu"]
     code = main([*args, *(["--fabric", fabric] if fabric else [])])
     assert code == 2

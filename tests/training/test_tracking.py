@@ -197,13 +197,17 @@ def test_promote_moves_champion_only_on_a_better_figure(
 def test_a_failing_run_ends_failed_and_registers_nothing(
     synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = tmp_path / "only-defects"
-    (data / "anomalous").mkdir(parents=True)
+    # Image names pass the checks made before a run opens; their contents fail inside it.
+    data = tmp_path / "unreadable-normals"
+    (data / "normal").mkdir(parents=True)
+    (data / "anomalous").mkdir()
+    for index in range(3):
+        (data / "normal" / f"strip-{index}.png").write_bytes(b"not a png at all")
     for path in sorted((synth_data / "Defect_images").glob("*.png"))[:2]:
         (data / "anomalous" / path.name).write_bytes(path.read_bytes())
     assert train_cli(data, tmp_path / "failing-model", "--register", "fabric-fail") == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("loomwatch: error:") and "no defect-free images" in err, err
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's log lines
+    assert err.startswith("loomwatch: error:") and "not a recognised image" in err, err
     run = run_named("failing-model")
     assert run.info.status == "FAILED" and run.data.tags[f"{TAG}model_type"] == "patchcore"
     assert client().search_registered_models("name = 'fabric-fail'") == []
