@@ -102,7 +102,17 @@ MinPeakQuery = Annotated[
         ge=0.0,
         le=1.0,
         description="suppress regions whose normalised peak is lower (default: the service's)",
-        openapi_examples=example(0.55),
+        openapi_examples=example(0.5),
+    ),
+]
+VetoMarginQuery = Annotated[
+    float | None,
+    Query(
+        ge=0.0,
+        le=1.0,
+        description="a score this far above the threshold is never vetoed by suppression "
+        "(default: the service's)",
+        openapi_examples=example(0.05),
     ),
 ]
 HeatmapQuery = Annotated[
@@ -125,18 +135,20 @@ def score_options(
     threshold: ThresholdQuery = None,
     min_region_area: MinAreaQuery = None,
     min_region_peak: MinPeakQuery = None,
+    veto_margin: VetoMarginQuery = None,
 ) -> ScoreOptions:
-    return ScoreOptions(threshold, min_region_area, min_region_peak)
+    return ScoreOptions(threshold, min_region_area, min_region_peak, veto_margin=veto_margin)
 
 
 def predict_options(
     threshold: ThresholdQuery = None,
     min_region_area: MinAreaQuery = None,
     min_region_peak: MinPeakQuery = None,
+    veto_margin: VetoMarginQuery = None,
     heatmap: HeatmapQuery = False,
     mask: MaskQuery = MaskFormat.png,
 ) -> ScoreOptions:
-    return ScoreOptions(threshold, min_region_area, min_region_peak, heatmap, mask)
+    return ScoreOptions(threshold, min_region_area, min_region_peak, heatmap, mask, veto_margin)
 
 
 ScoreOptionsDep = Annotated[ScoreOptions, Depends(score_options)]

@@ -24,6 +24,7 @@ class ScoreOptions:
     min_region_peak: float | None = None
     heatmap: bool = False
     mask: MaskFormat = MaskFormat.png
+    veto_margin: float | None = None
 
 
 # ---- shared pieces ----------------------------------------------------------------------------
@@ -77,7 +78,12 @@ class RegionOut(BaseModel):
 
 
 class SuppressedRegion(RegionOut):
-    reason: Literal["outside_valid_area", "area_below_min", "peak_below_min"]
+    reason: Literal[
+        "outside_valid_area", "area_below_min", "peak_below_min", "image_not_anomalous"
+    ] = Field(
+        description="why it is not reported as a defect (image_not_anomalous: the image as a "
+        "whole was decided normal)"
+    )
 
 
 class SuppressionSettingsOut(BaseModel):
@@ -85,13 +91,15 @@ class SuppressionSettingsOut(BaseModel):
     min_region_peak: float
     smoothing_sigma: float
     min_valid_fraction: float
+    veto_margin: float
 
 
 class SuppressionLog(BaseModel):
     settings: SuppressionSettingsOut = Field(description="the settings in force for this image")
     regions: list[SuppressedRegion]
     vetoed_decision: bool = Field(
-        description="true when the score reached the threshold but every region was suppressed"
+        description="true when the score reached the threshold by less than veto_margin and "
+        "every region found was suppressed, which turned the alarm off"
     )
 
 
@@ -148,6 +156,7 @@ PREDICTION_EXAMPLE: dict[str, Any] = {
     "raw_threshold": 3.481,
     "decision": "anomalous",
     "is_anomalous": True,
+    "decision_reason": "score 0.914 reached the threshold 0.500; 1 region(s) kept",
     "regions": [
         {
             "bbox": {"x": 1510, "y": 88, "width": 41, "height": 23},
@@ -159,9 +168,10 @@ PREDICTION_EXAMPLE: dict[str, Any] = {
     "suppression": {
         "settings": {
             "min_region_area": 10,
-            "min_region_peak": 0.55,
+            "min_region_peak": 0.5,
             "smoothing_sigma": 1.0,
             "min_valid_fraction": 0.5,
+            "veto_margin": 0.05,
         },
         "regions": [
             {
@@ -204,6 +214,10 @@ class PredictionResponse(BaseModel):
     raw_threshold: float = Field(description="the same threshold in raw units")
     decision: Literal["anomalous", "normal"]
     is_anomalous: bool
+    decision_reason: str = Field(
+        description="why: the score against the threshold, and whether regions were kept, "
+        "all suppressed (the score is the evidence) or the alarm vetoed"
+    )
     regions: list[RegionOut] = Field(description="kept defect regions, highest peak first")
     suppression: SuppressionLog
     mask: MaskOut | None = Field(description="kept regions as a mask; null with mask=none")
@@ -324,9 +338,10 @@ class ModelResponse(BaseModel):
                 },
                 "suppression": {
                     "min_region_area": 10,
-                    "min_region_peak": 0.55,
+                    "min_region_peak": 0.5,
                     "smoothing_sigma": 1.0,
                     "min_valid_fraction": 0.5,
+                    "veto_margin": 0.05,
                 },
                 "training": {"fabric": "02", "train_images": 84, "validation_images": 36},
                 "metrics": {"image_auroc": 0.93, "pixel_auroc": 0.97},

@@ -107,6 +107,7 @@ class Scorer:
         overrides = {
             "min_region_area": options.min_region_area,
             "min_region_peak": options.min_region_peak,
+            "veto_margin": options.veto_margin,
         }
         given = {key: value for key, value in overrides.items() if value is not None}
         return self.model.suppression.model_copy(update=given)
@@ -201,6 +202,7 @@ class Scorer:
             raw_threshold=summary["raw_threshold"],
             decision=summary["decision"],
             is_anomalous=summary["is_anomalous"],
+            decision_reason=summary["decision_reason"],
             regions=summary["regions"],
             suppression=SuppressionLog.model_validate(summary["suppressed"]),
             mask=scored.mask,
@@ -232,6 +234,7 @@ class Scorer:
             "raw_score": result.raw_score,
             "threshold": result.threshold,
             "decision": result.decision,
+            "decision_reason": result.decision_reason,
             "regions": [region.model_dump() for region in result.regions],
             "suppressed": result.suppression.model_dump(),
             "timings_ms": result.timings_ms,
@@ -257,7 +260,12 @@ class Scorer:
     ) -> Overlay:
         received = time.perf_counter()
         upload = await self.read(file)
-        options = ScoreOptions(options.threshold, options.min_region_area, options.min_region_peak)
+        options = ScoreOptions(
+            options.threshold,
+            options.min_region_area,
+            options.min_region_peak,
+            veto_margin=options.veto_margin,
+        )
         scored, submitted = await self._in_pool(
             lambda: self._score(upload, options, overlay=True, wrap=wrap)
         )

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     min_region_peak: float | None = Field(default=None, ge=0.0, le=1.0)
     smoothing_sigma: float | None = Field(default=None, ge=0.0)
     min_valid_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    veto_margin: float | None = Field(default=None, ge=0.0, le=1.0)
 
     inference_log_path: Path | None = Field(
         default=Path(".loomwatch/inference.jsonl"),

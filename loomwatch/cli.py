@@ -19,12 +19,18 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("loomwatch")
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 # For --help only (models.registry, which imports torch, decides): a test keeps them equal.
 MODEL_NAMES = ("draem", "patchcore", "vae")
+# For --help only (training.decisions.FIGURES decides): a test keeps them equal.
+PROMOTE_METRICS = (
+    "detection_rate", "false_alarm_rate", "decision_balance", "region_recall",
+    "region_precision", "strip_auroc", "image_auroc",
+)  # fmt: skip
 
 
 class CliError(Exception):
@@ -40,8 +46,10 @@ USER_ERRORS = {
     "models.patchcore": ("WeightsError",),
     "models.preprocessing": ("ImageDecodeError",),
     "models.registry": ("UnknownModelError",),
+    "training.calibrate": ("CalibrationError",),
     "training.config": ("ConfigError",),
     "training.data": ("DatasetError",),
+    "training.decisions": ("NoCommonDataError",),
     "tracking.store": ("ModelUriError", "TrackingError"),
 }
 
@@ -58,7 +66,7 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 DEMO_PLAN = (
-    "Synthetic fabric (1 fabric, 14 strips) -> PatchCore trained on CPU, tracked in MLflow and "
+    "Synthetic fabric (1 fabric, 16 strips) -> PatchCore trained on CPU, tracked in MLflow and "
     "registered with alias champion -> evaluated (HTML report) -> 3 predictions -> served "
     "(unless --no-serve)."
 )
@@ -122,14 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, help="normalised image threshold (0.5)")
 
     promote = commands.add_parser(
-        "promote", help="move alias 'champion' to the newest version if it does better"
+        "promote",
+        help="move alias 'champion' to the newest version when the 95%% CI of its improvement "
+        "on the same strips lies above a margin",
     )
     promote.add_argument("name", metavar="NAME", help="registered model name")
-    promote.add_argument("--metric", default="image_auroc", help="higher is better")
     promote.add_argument(
-        "--data", type=Path, help="evaluate both versions on every image here (else logged figures)"
+        "--metric",
+        default="decision_balance",
+        help=f"one of {', '.join(PROMOTE_METRICS)} (default decision_balance: detection rate "
+        "minus false-alarm rate)",
+    )
+    promote.add_argument(
+        "--data",
+        type=Path,
+        help="judge both versions on every image here (default: the validation strips both "
+        "versions share, from the data folder their manifests record)",
     )
     promote.add_argument("--fabric", help="with --data: one AITEX fabric or MVTec category")
+    promote.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="promote only when the whole 95%% CI of the improvement lies above this, in [0, 1)",
+    )
+    promote.add_argument(
+        "--resamples", type=int, default=2000, help="paired bootstrap resamples (>= 100)"
+    )
 
     serve = commands.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)")
     serve.add_argument("--model-uri", help="bundle folder or MLflow URI (default: $MODEL_URI)")
@@ -201,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_config, resolve_config_file
     from training.data import load_dataset, split_dataset
     from training.runs import run_tags, training_run
-    from training.train import train
+    from training.train import check_split, train
 
     # Every input is checked before the MLflow run opens: a mistake leaves no FAILED run behind.
     if args.model not in MODEL_TYPES:
@@ -212,7 +239,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, _ = load_config(args.model, args.config, args.overrides)
     config_file = resolve_config_file(args.config) if args.config is not None else None
     dataset = load_dataset(args.data, fabric=args.fabric)  # the folder, its images, the fabric
-    split_dataset(dataset, config.data.val_fraction, args.seed)  # defect-free images to train on
+    split = split_dataset(dataset, config.data.val_fraction, args.seed)  # images to train on
+    check_split(split, config, str(args.data))  # and enough held back for the operating point
     out = args.out or _default_out(args.model, args.fabric)
     tags = run_tags(args.model, args.fabric, args.data)
     with training_run(out.name, tags, progress=not args.quiet) as run:
@@ -296,9 +324,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data=f"{args.data} ({args.split}, fabric {fabric or 'all'})",
     )
     print(json.dumps(summary, indent=2))
+    print(_decision_line(summary), file=sys.stderr)
     if report is not None:
         print(f"report: {report}", file=sys.stderr)
     return 0
+
+
+def _decision_line(summary: dict[str, Any]) -> str:
+    """The decision figures in one line, each with its 95 % interval."""
+    parts = []
+    for key in ("detection_rate", "false_alarm_rate", "region_recall", "region_precision"):
+        value, low, high = (summary.get(k) for k in (key, f"{key}_ci95_low", f"{key}_ci95_high"))
+        if value is None:
+            parts.append(f"{key} n/a")
+        else:
+            interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+            parts.append(f"{key} {value:.2f}{interval}")
+    return "decisions (95% CI over images): " + ", ".join(parts)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -326,7 +368,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         (args.out / f"{stem}.mask.png").write_bytes(encode_png(prediction.post.mask))
         (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(
-            f"{path}: score {prediction.score:.3f} ({result['decision']}), "
+            f"{path}: {result['decision']}: {prediction.verdict.reason}; "
             f"{len(prediction.post.kept)} regions kept, "
             f"{len(prediction.post.suppressed)} suppressed -> {args.out / stem}.json"
         )
@@ -353,7 +395,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
         raise CliError("--fabric needs --data DIR")
     use_tracking_store(progress=not args.quiet)
     decision = promote(
-        args.name, args.metric, data=args.data, fabric=args.fabric, progress=not args.quiet
+        args.name,
+        args.metric,
+        data=args.data,
+        fabric=args.fabric,
+        margin=args.margin,
+        resamples=args.resamples,
+        progress=not args.quiet,
     )
     print(decision.message)
     return 0
@@ -374,7 +422,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     champion = f"models:/{args.name}@champion"
     quiet = ["--quiet"] if args.quiet else []
     steps: list[list[str]] = [
-        [*quiet, "synth", "--out", str(data), "--fabrics", "1", "--normal", "8",
+        [*quiet, "synth", "--out", str(data), "--fabrics", "1", "--normal", "10",
          "--defective", "6"],
         [*quiet, "train", "--model", "patchcore", "--data", str(data), "--out", str(bundle),
          "--max-minutes", str(args.max_minutes), "--config", "patchcore-cpu",

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class Calibration(BaseModel):
@@ -24,7 +24,12 @@ class Calibration(BaseModel):
     pixel_threshold: float
     pixel_min: float
     pixel_max: float
-    method: str = "uncalibrated"  # "f1" or "percentile"; how the thresholds were chosen
+    method: str = (
+        "uncalibrated"  # how the thresholds were chosen, e.g. "image:false-alarm,pixel:regions"
+    )
+    # The evidence behind the thresholds (held-back images, target, bounds, region figures), as
+    # ``training.calibrate`` found it; informative only, never read when scoring.
+    evidence: dict[str, Any] = Field(default_factory=dict)
 
     def normalize_image(self, raw: float) -> float:
         normalized = _normalize(

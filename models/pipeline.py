@@ -20,7 +20,14 @@ import torch
 from models.base import AnomalyModel
 from models.bundle import Manifest, load_bundle
 from models.calibration import Calibration
-from models.postprocess import PostProcessResult, SuppressionSettings, decide, postprocess
+from models.postprocess import (
+    PostProcessResult,
+    SuppressionSettings,
+    Verdict,
+    decide,
+    postprocess,
+    settle,
+)
 from models.preprocessing import DEFAULT_MAX_PIXELS, decode_image, valid_area
 from models.tiling import Box, pad_to_tile, plan_tiles, stitch, valid_fraction
 
@@ -49,6 +56,7 @@ class Prediction:
     threshold: float  # normalised image threshold used
     raw_threshold: float
     decision: bool
+    verdict: Verdict
     normalized_map: np.ndarray
     post: PostProcessResult
     timings: dict[str, float]
@@ -65,11 +73,12 @@ class Prediction:
             "raw_threshold": self.raw_threshold,
             "decision": "anomalous" if self.decision else "normal",
             "is_anomalous": self.decision,
+            "decision_reason": self.verdict.reason,
             "regions": [region.to_json() for region in self.post.kept],
             "suppressed": {
                 "settings": self.post.settings.model_dump(),
                 "regions": [region.to_json() for region in self.post.suppressed],
-                "vetoed_decision": self.post.vetoed and self.score >= self.threshold,
+                "vetoed_decision": self.verdict.vetoed,
             },
             "timings_ms": {k: round(v * 1000.0, 2) for k, v in self.timings.items()},
         }
@@ -155,25 +164,32 @@ class Detector:
         *,
         threshold: float | None = None,
         suppression: SuppressionSettings | None = None,
+        calibration: Calibration | None = None,
     ) -> Prediction:
-        """Calibrate and post-process an analysis (cheap: the model is not run again)."""
+        """Calibrate and post-process an analysis (cheap: the model is not run again).
+
+        ``calibration`` stands in for the bundle's own, to try a candidate while calibrating.
+        """
         timings = dict(analysis.timings)
         settings = suppression or self.suppression
+        calibration = calibration or self.calibration
         used = 0.5 if threshold is None else float(threshold)
         with _timed(timings, "calibrate"):
-            score = self.calibration.normalize_image(analysis.score)
-            normalized_map = self.calibration.normalize_pixels(analysis.anomaly_map)
+            score = calibration.normalize_image(analysis.score)
+            normalized_map = calibration.normalize_pixels(analysis.anomaly_map)
         with _timed(timings, "postprocess"):
-            post = postprocess(normalized_map, analysis.valid, settings)
-            decision = decide(score, used, post)
+            found = postprocess(normalized_map, analysis.valid, settings)
+            verdict = decide(score, used, found)
+            post = settle(found, verdict)
         timings["total"] = sum(timings.values())
         return Prediction(
             analysis=analysis,
             raw_score=analysis.score,
             score=score,
             threshold=used,
-            raw_threshold=self.calibration.image_threshold_from_normalized(used),
-            decision=decision,
+            raw_threshold=calibration.image_threshold_from_normalized(used),
+            decision=verdict.anomalous,
+            verdict=verdict,
             normalized_map=normalized_map,
             post=post,
             timings=timings,

@@ -4,23 +4,28 @@ Steps: smoothing (Gaussian), binarisation at the pixel threshold (0.5 in normali
 connected components (OpenCV, 8-connectivity), then suppression. A component is suppressed, in
 this order of reasons, when
 
-- ``outside_valid_area``: less than half of its pixels lie on fabric (padding or its margin);
+- ``outside_valid_area``: less than ``min_valid_fraction`` of its pixels lie on fabric;
 - ``area_below_min``: its area (valid pixels) is below ``min_region_area``;
-- ``peak_below_min``: its peak normalised score is below ``min_region_peak``.
+- ``peak_below_min``: its peak normalised score is below ``min_region_peak``;
+- ``image_not_anomalous``: the image as a whole was decided normal (see below), so none of its
+  regions is reported as a defect.
 
 Every suppressed component is logged with its box, area, peak and mean score and the reason,
 together with the settings in force.
 
-Image decision rule: an image is anomalous when its normalised image score reaches the image
-threshold AND suppression did not veto it. Suppression vetoes when components were found and
-every one of them was suppressed (the evidence the score rests on was judged not to be a defect).
-A score above threshold with no component at the pixel threshold stays anomalous: the score
-itself is the evidence. Suppression can therefore only turn an alarm off, never on.
+Image decision rule (:func:`decide`): the image score decides. An image is anomalous when its
+normalised score reaches the image threshold, with one exception near the threshold: when the
+score is less than ``veto_margin`` above the threshold, components were found and every one of
+them was suppressed, the alarm is vetoed (the weak evidence was judged not to be a defect). A
+score ``veto_margin`` or more above the threshold is never vetoed, even when no region survives:
+the score is then the evidence, and the decision says so. A score above the threshold with no
+component at the pixel threshold stays anomalous. Suppression can only turn an alarm off, never
+on, and only a marginal one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -31,11 +36,18 @@ from pydantic import BaseModel, Field
 class SuppressionSettings(BaseModel):
     min_region_area: int = Field(default=10, ge=0, description="pixels; smaller regions suppressed")
     min_region_peak: float = Field(
-        default=0.55, ge=0.0, le=1.0, description="normalised peak score a region must reach"
+        default=0.5, ge=0.0, le=1.0, description="normalised peak score a region must reach"
     )
     smoothing_sigma: float = Field(default=1.0, ge=0.0, description="Gaussian sigma in pixels")
     min_valid_fraction: float = Field(
         default=0.5, ge=0.0, le=1.0, description="share of a region's pixels that must be fabric"
+    )
+    veto_margin: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="normalised score above the image threshold from which suppression of every "
+        "region no longer vetoes the alarm",
     )
 
 
@@ -67,7 +79,8 @@ class PostProcessResult:
     settings: SuppressionSettings
 
     @property
-    def vetoed(self) -> bool:
+    def all_suppressed(self) -> bool:
+        """Components were found and every one of them was suppressed."""
         return bool(self.suppressed) and not self.kept
 
 
@@ -117,6 +130,47 @@ def postprocess(
     return PostProcessResult(mask=mask, kept=kept, suppressed=suppressed, settings=settings)
 
 
-def decide(normalized_score: float, threshold: float, result: PostProcessResult) -> bool:
+@dataclass(frozen=True)
+class Verdict:
+    anomalous: bool
+    vetoed: bool  # the score reached the threshold but suppression turned the alarm off
+    reason: str  # one line a person can read: why this decision
+
+
+def decide(normalized_score: float, threshold: float, result: PostProcessResult) -> Verdict:
     """The image decision rule described in the module docstring."""
-    return normalized_score >= threshold and not result.vetoed
+    score = f"score {normalized_score:.3f}"
+    if normalized_score < threshold:
+        return Verdict(False, False, f"{score} below the threshold {threshold:.3f}")
+    above = f"{score} reached the threshold {threshold:.3f}"
+    margin = result.settings.veto_margin
+    if result.kept:
+        return Verdict(True, False, f"{above}; {len(result.kept)} region(s) kept")
+    if not result.suppressed:
+        return Verdict(
+            True, False, f"{above}; no region at the pixel threshold (the score is the evidence)"
+        )
+    count = len(result.suppressed)
+    if normalized_score < threshold + margin:
+        return Verdict(
+            False,
+            True,
+            f"vetoed: {above} by less than {margin:.3f} and all {count} region(s) were suppressed",
+        )
+    return Verdict(
+        True,
+        False,
+        f"{above} by {margin:.3f} or more; all {count} region(s) were suppressed, the score is "
+        "the evidence",
+    )
+
+
+def settle(result: PostProcessResult, verdict: Verdict) -> PostProcessResult:
+    """The regions as reported: an image decided normal keeps none (and says why in the log)."""
+    if verdict.anomalous or not result.kept:
+        return result
+    dropped = [replace(region, reason="image_not_anomalous") for region in result.kept]
+    suppressed = sorted([*result.suppressed, *dropped], key=lambda r: r.peak, reverse=True)
+    return PostProcessResult(
+        mask=np.zeros_like(result.mask), kept=[], suppressed=suppressed, settings=result.settings
+    )

@@ -21,6 +21,6 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.synth import generate_dataset
 
     out = tmp_path_factory.mktemp("synth")
-    generate_dataset(out, fabrics=1, normal=6, defective=4, seed=3, width=512, height=128,
+    generate_dataset(out, fabrics=1, normal=10, defective=4, seed=3, width=512, height=128,
                      progress=False)  # fmt: skip
     return out

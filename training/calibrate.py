@@ -1,26 +1,54 @@
-"""Learning the calibration (thresholds and normalisation) on validation data.
+"""Learning the calibration (operating point, pixel threshold, region settings) on held-out data.
 
-- Image threshold: the F1-optimal threshold over the validation images' raw scores when both
-  defect-free and defective images are present, with the two classes weighted equally (the
-  split holds every defective image but only some defect-free ones; unweighted F1 would then
-  favour flagging every image); otherwise the ``image_percentile`` percentile of the
-  defect-free scores.
-- Pixel threshold: the F1-optimal threshold over valid pixels when defect masks are present;
-  otherwise the ``pixel_percentile`` percentile of defect-free pixel scores. Pixels are
-  collected as all defect pixels plus a seeded sample of the others (rate
-  ``negative_pixel_rate``), weighted back by 1/rate, so F1 is estimated without bias.
+The operating point is set where the decision is made: on whole images (strips), from images the
+model never fitted on.
+
+- Image threshold, rule ``false_alarm`` (the default): the defect-free validation images are held
+  back from fitting and from best-state selection (``training.train`` selects on defective images
+  only), so their scores are what a new defect-free strip scores. With ``n`` of them sorted, the
+  threshold sits just above the ``k``-th, ``k = ceil((n + 1)(1 - target))``: for exchangeable
+  scores a new defect-free image then exceeds it with probability at most ``(n + 1 - k)/(n + 1)``
+  (the split-conformal bound). A target needs ``n >= 1/target - 1`` held-back images (19 for
+  5 %); with fewer, ``k = n`` (just above the highest) and the bound, ``1/(n + 1)``, is reported
+  as what the data can promise instead. A bootstrap over the held-back images gives the
+  threshold's 95 % interval.
+- Image threshold, rule ``f1``: F1-optimal over validation images with the two classes weighted
+  equally (the split holds every defective image but only some defect-free ones).
+- Pixel threshold and region settings: the regions an operator is shown must find the defects
+  and little else, so they are chosen by region F1 (``training.decisions``: defect regions found,
+  kept regions on a defect) over the validation images, through the serving path (calibrate,
+  post-process, decide) at the fitted image threshold. Candidates: the pixel-F1 threshold and
+  high quantiles of defect-free pixel scores, Gaussian smoothing sigma 0, 1 or 2 px and a minimum
+  area of 1, 5, 10 or 20 px (AITEX defects are 9-54 px). Without defect masks: the
+  ``pixel_percentile`` percentile of defect-free pixels and the configured suppression.
 - Normalisation: min and max of the observed raw scores (see ``models.calibration``).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
 from models.calibration import Calibration
+from models.pipeline import Analysis, Detector
+from models.postprocess import SuppressionSettings
 from training.config import CalibrationConfig
+from training.decisions import StripOutcome, count_regions, region_precision
+
+PIXEL_QUANTILES = (99.9, 99.95, 99.99, 99.995, 99.999)
+SMOOTHING_SIGMAS = (0.0, 1.0, 2.0)
+MIN_AREAS = (1, 5, 10, 20)
+THRESHOLD_RESAMPLES = 1000
+
+
+class CalibrationError(ValueError):
+    """The validation data cannot support the calibration asked for (one line for the user)."""
 
 
 def f1_optimal_threshold(
@@ -64,25 +92,101 @@ class CalibrationSamples:
         self.pixel_labels.append(truth[chosen])
 
 
-def fit_calibration(samples: CalibrationSamples, config: CalibrationConfig) -> Calibration:
+def required_clean_images(target: float) -> int:
+    """Held-back defect-free images for the conformal bound to reach ``target``."""
+    return max(1, math.ceil(1.0 / target - 1.0 - 1e-9))
+
+
+def check_clean_images(count: int, config: CalibrationConfig, where: str) -> None:
+    """Fail early (one line) when too few defect-free images are held back for the rule."""
+    if config.image_rule == "false_alarm" and count < config.min_clean_images:
+        raise CalibrationError(
+            f"{where}: the operating point needs at least {config.min_clean_images} defect-free "
+            f"images held back from fitting, the split holds back {count}; add defect-free "
+            "images or raise data.val_fraction (calibration.min_clean_images sets the minimum)"
+        )
+
+
+def _just_above(value: float) -> float:
+    return float(np.nextafter(value, math.inf))
+
+
+def false_alarm_threshold(
+    clean: np.ndarray, target: float, seed: int
+) -> tuple[float, dict[str, Any]]:
+    """The raw threshold for ``target`` false alarms on new defect-free images, and its evidence."""
+    ordered = np.sort(np.asarray(clean, dtype=np.float64))
+    n = ordered.size
+    wanted = math.ceil((n + 1) * (1.0 - target))
+    rank = min(wanted, n)
+    threshold = _just_above(float(ordered[rank - 1]))
+    rng = np.random.default_rng(seed)
+    resampled = np.sort(rng.choice(ordered, size=(THRESHOLD_RESAMPLES, n), replace=True), axis=1)
+    low, high = np.quantile(resampled[:, rank - 1], [0.025, 0.975])
+    bound = (n + 1 - rank) / (n + 1)
+    evidence = {
+        "rule": "false_alarm",
+        "target_false_alarm": target,
+        "held_back_defect_free": n,
+        "rank": rank,
+        "false_alarm_bound": bound,
+        "target_reachable": wanted <= n,
+        "images_needed_for_target": required_clean_images(target),
+        "threshold_ci95": [float(low), float(high)],
+        "held_back_false_alarms": int((ordered >= threshold).sum()),
+    }
+    return threshold, evidence
+
+
+def describe_operating_point(evidence: dict[str, Any]) -> str:
+    """One line for the user: what the operating point rests on and how sure it is."""
+    if evidence.get("rule") != "false_alarm":
+        return f"image threshold by {evidence.get('rule', 'unknown rule')}"
+    n, bound = evidence["held_back_defect_free"], evidence["false_alarm_bound"]
+    low, high = evidence["threshold_ci95"]
+    text = (
+        f"operating point from {n} held-back defect-free images: false alarms on new images "
+        f"<= {bound:.0%} expected (target {evidence['target_false_alarm']:.0%}); raw threshold "
+        f"95% CI [{low:.5g}, {high:.5g}]"
+    )
+    if not evidence["target_reachable"]:
+        text += (
+            f"; the target needs {evidence['images_needed_for_target']} held-back images, "
+            "so the threshold sits just above the highest one"
+        )
+    return text
+
+
+def fit_calibration(
+    samples: CalibrationSamples, config: CalibrationConfig, seed: int = 0
+) -> Calibration:
+    """Image threshold by the configured rule, pixel threshold by pixel F1 (or a percentile)."""
     if not samples.image_scores:
         raise ValueError("no validation image to calibrate on")
     image_scores = np.asarray(samples.image_scores, dtype=np.float64)
     image_labels = np.asarray(samples.image_labels)
     pixels = np.concatenate(samples.pixel_scores) if samples.pixel_scores else np.zeros(1)
     truth = np.concatenate(samples.pixel_labels) if samples.pixel_labels else np.zeros(1, bool)
+    clean = image_scores[image_labels == 0]
     methods = []
-    if 0 < image_labels.sum() < image_labels.size:
+    evidence: dict[str, Any]
+    if config.image_rule == "false_alarm":
+        check_clean_images(clean.size, config, "calibration")
+        image_threshold, evidence = false_alarm_threshold(clean, config.target_false_alarm, seed)
+        methods.append(f"image:false-alarm-{config.target_false_alarm:g}")
+    elif 0 < image_labels.sum() < image_labels.size:
         # Both classes weigh the same: a validation split is mostly defective images (every
         # defective image goes there), and plain F1 then rewards flagging everything.
         counts = np.bincount(image_labels, minlength=2)
         balance = np.where(image_labels == 1, 0.5 / counts[1], 0.5 / counts[0])
         image_threshold = f1_optimal_threshold(image_labels, image_scores, balance)
         methods.append("image:f1-balanced")
+        evidence = {"rule": "f1"}
     else:
-        normal = image_scores[image_labels == 0] if (image_labels == 0).any() else image_scores
-        image_threshold = float(np.percentile(normal, config.image_percentile))
-        methods.append(f"image:p{config.image_percentile:g}")
+        raise CalibrationError(
+            "calibration.image_rule f1 needs defective and defect-free validation images; "
+            "use image_rule false_alarm"
+        )
     if truth.any() and not truth.all():
         weights = np.where(truth, 1.0, 1.0 / config.negative_pixel_rate)
         pixel_threshold = f1_optimal_threshold(truth, pixels, weights)
@@ -98,4 +202,122 @@ def fit_calibration(samples: CalibrationSamples, config: CalibrationConfig) -> C
         pixel_min=float(pixels.min()),
         pixel_max=float(max(pixels.max(), pixel_threshold)),
         method=",".join(methods),
+        evidence={"operating_point": evidence},
     )
+
+
+# --- region settings ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionCandidate:
+    pixel_threshold: float
+    source: str  # where the threshold came from, e.g. "pixel-f1" or "defect-free q99.99"
+    smoothing_sigma: float
+    min_region_area: int
+
+    def apply(
+        self, calibration: Calibration, base: SuppressionSettings
+    ) -> tuple[Calibration, SuppressionSettings]:
+        """The calibration and suppression settings this candidate stands for."""
+        fitted = calibration.model_copy(
+            update={
+                "pixel_threshold": self.pixel_threshold,
+                "pixel_max": max(calibration.pixel_max, self.pixel_threshold),
+            }
+        )
+        settings = base.model_copy(
+            update={
+                "smoothing_sigma": self.smoothing_sigma,
+                "min_region_area": self.min_region_area,
+                "min_region_peak": 0.5,  # the fitted pixel threshold is the peak a region needs
+            }
+        )
+        return fitted, settings
+
+
+LabelledAnalysis = tuple[int, Analysis, np.ndarray | None]  # label, analysis, mask or None
+
+
+def _judge(
+    detector: Detector,
+    analysed: Sequence[LabelledAnalysis],
+    calibration: Calibration,
+    settings: SuppressionSettings,
+) -> list[StripOutcome]:
+    outcomes = []
+    for index, (label, analysis, mask) in enumerate(analysed):
+        prediction = detector.finish(analysis, suppression=settings, calibration=calibration)
+        known = label == 0 or mask is not None
+        counts = count_regions(prediction.post.mask, mask, analysis.valid) if known else None
+        outcomes.append(
+            StripOutcome(str(index), label, None, analysis.score, prediction.decision, counts)
+        )
+    return outcomes
+
+
+def fit_regions(
+    detector: Detector,
+    analysed: Sequence[LabelledAnalysis],
+    calibration: Calibration,
+    samples: CalibrationSamples,
+    base: SuppressionSettings,
+) -> tuple[Calibration, SuppressionSettings, dict[str, Any]]:
+    """The pixel threshold, smoothing and minimum area with the best region F1 (see the module).
+
+    Returns the inputs unchanged, with the reason, when no validation image has a defect mask.
+    """
+    if not any(label == 1 and mask is not None and mask.any() for label, _, mask in analysed):
+        return calibration, base, {"fitted": False, "reason": "no defect mask in validation"}
+    clean_pixels = [
+        scores[~truth]
+        for scores, truth in zip(samples.pixel_scores, samples.pixel_labels, strict=True)
+    ]
+    pool = np.concatenate(clean_pixels) if clean_pixels else np.zeros(0)
+    thresholds = {"pixel-f1": calibration.pixel_threshold}
+    if pool.size:
+        for quantile in PIXEL_QUANTILES:
+            thresholds[f"defect-free q{quantile:g}"] = float(np.percentile(pool, quantile))
+    # Only images that can raise an alarm show regions; the others add nothing to region F1.
+    alarms = [calibration.normalize_image(item[1].score) >= 0.5 for item in analysed]
+    alarming = [item for item, alarm in zip(analysed, alarms, strict=True) if alarm]
+    missed = [item for item, alarm in zip(analysed, alarms, strict=True) if not alarm]
+    missed_defects = sum(
+        count_regions(np.zeros_like(mask), mask, analysis.valid).defects
+        for label, analysis, mask in missed
+        if label == 1 and mask is not None
+    )
+    best: tuple[tuple[float, float, float], RegionCandidate, dict[str, float]] | None = None
+    for (source, threshold), sigma, area in itertools.product(
+        thresholds.items(), SMOOTHING_SIGMAS, MIN_AREAS
+    ):
+        candidate = RegionCandidate(threshold, source, sigma, area)
+        trial, settings = candidate.apply(calibration, base)
+        outcomes = _judge(detector, alarming, trial, settings)
+        index = np.arange(len(outcomes))
+        found = sum(o.regions.defects_found for o in outcomes if o.regions)
+        defects = sum(o.regions.defects for o in outcomes if o.regions) + missed_defects
+        recall = found / defects if defects else math.nan
+        precision = region_precision(outcomes, index)
+        if not (math.isfinite(recall) and math.isfinite(precision)):
+            continue
+        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+        key = (f1, recall, -area)
+        if best is None or key > best[0]:
+            best = (key, candidate, {"region_f1": f1, "region_recall": recall})
+            best[2]["region_precision"] = precision
+    if best is None:
+        return calibration, base, {"fitted": False, "reason": "no candidate kept any region"}
+    _, chosen, figures = best
+    fitted, settings = chosen.apply(calibration, base)
+    fitted.method = calibration.method.replace("pixel:f1", "pixel:regions")
+    evidence = {
+        "fitted": True,
+        "pixel_threshold_from": chosen.source,
+        "smoothing_sigma": chosen.smoothing_sigma,
+        "min_region_area": chosen.min_region_area,
+        "candidates": len(thresholds) * len(SMOOTHING_SIGMAS) * len(MIN_AREAS),
+        "validation_images": len(analysed),
+        **figures,
+    }
+    return fitted, settings, evidence

@@ -8,7 +8,7 @@ area), ``suppression`` (post-processing defaults stored in the bundle), ``data``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,10 +30,21 @@ class DataConfig(BaseModel):
 
 
 class CalibrationConfig(BaseModel):
+    """How the operating point and the region settings are learned (see ``training.calibrate``)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    # Used only when the validation data has no defective image (no F1 to optimise).
-    image_percentile: float = Field(default=99.0, ge=50.0, le=100.0)
+    # The image threshold: "false_alarm" holds the false-alarm rate on defect-free images held
+    # back from fitting to `target_false_alarm`; "f1" maximises F1 with both classes weighted
+    # equally over the validation images (needs defective images there).
+    image_rule: Literal["false_alarm", "f1"] = "false_alarm"
+    target_false_alarm: float = Field(default=0.05, gt=0.0, lt=1.0)
+    # Defect-free images that must be held back from fitting (and from best-state selection).
+    min_clean_images: int = Field(default=3, ge=1)
+    # Choose the pixel threshold, smoothing and minimum region area by region F1 on the
+    # validation images when they have defect masks; otherwise keep `suppression` as given.
+    fit_regions: bool = True
+    # Used only when the validation data has no defect mask (no region evidence to fit on).
     pixel_percentile: float = Field(default=99.99, ge=50.0, le=100.0)
     negative_pixel_rate: float = Field(default=0.05, gt=0.0, le=1.0)
 

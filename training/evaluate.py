@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from models.overlay import encode_png, render_overlay, wrap_wide
 from models.pipeline import Analysis, Detector, Prediction
-from training.calibrate import CalibrationSamples
+from training.calibrate import CalibrationSamples, describe_operating_point
 from training.data import Sample, has_pixel_labels, load_image, load_mask
+from training.decisions import StripOutcome, count_regions, decision_metrics, per_defect_decisions
 from training.metrics import EvaluationAccumulator, ImageRecord, to_jsonable
 
 WORST_MISSES = 4
@@ -38,6 +39,8 @@ class EvaluationResult:
     metrics: dict[str, Any]
     accumulator: EvaluationAccumulator
     misses: list[tuple[str, bytes]]
+    # One per image: the decision and its regions, for decision figures and paired comparisons.
+    outcomes: list[StripOutcome] = field(default_factory=list)
     # A few tiles worth looking at (the top tile of the first defective images, one clean tile):
     # uint8 pixels and valid masks, for the figures a model offers (its report_panels).
     sample_tiles: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
@@ -77,6 +80,7 @@ def run_evaluation(
 ) -> EvaluationResult:
     """Calibrate and post-process each analysis as served; feed the metric accumulator."""
     accumulator = EvaluationAccumulator(seed=seed)
+    outcomes: list[StripOutcome] = []
     misses: list[_Miss] = []
     tiles: list[tuple[str, np.ndarray, np.ndarray]] = []
     for sample, analysis, mask in analysed:
@@ -99,6 +103,7 @@ def run_evaluation(
             tile_boxes=[box.as_tuple() for box in analysis.boxes],
             tile_scores=analysis.tile_scores,
         )
+        outcomes.append(_outcome(sample, analysis, mask, prediction))
         # A miss: a defect scored low, or a defect-free image scored high.
         badness = (1.0 - prediction.score) if sample.label == 1 else prediction.score
         verdict = "anomalous" if prediction.decision else "normal"
@@ -110,8 +115,38 @@ def run_evaluation(
             lambda p=prediction, c=caption, b=badness, m=mask: _Miss(b, c, _png(p, m)),
         )
     ordered = sorted(misses, reverse=True)
-    metrics = accumulator.compute()
-    return EvaluationResult(metrics, accumulator, [(m.caption, m.png) for m in ordered], tiles)
+    metrics = {**decision_metrics(outcomes, seed=seed), **accumulator.compute()}
+    pairs = [(m.caption, m.png) for m in ordered]
+    return EvaluationResult(metrics, accumulator, pairs, outcomes, tiles)
+
+
+def _outcome(
+    sample: Sample, analysis: Analysis, mask: np.ndarray | None, prediction: Prediction
+) -> StripOutcome:
+    """The decision on one image with its region counts and labelled tiles (as the metrics
+    count them: a tile is defective when a defect pixel on fabric lies in it)."""
+    known = sample.label == 0 or mask is not None
+    regions = count_regions(prediction.post.mask, mask, analysis.valid) if known else None
+    labels: list[int] = []
+    scores: list[float] = []
+    if known:
+        defect = (mask > 0) & analysis.valid if mask is not None else None
+        for box, score in zip(analysis.boxes, analysis.tile_scores, strict=True):
+            window = (slice(box.y0, box.y1), slice(box.x0, box.x1))
+            if not analysis.valid[window].any():
+                continue
+            labels.append(int(defect is not None and bool(defect[window].any())))
+            scores.append(float(score))
+    return StripOutcome(
+        name=sample.name,
+        label=sample.label,
+        defect=sample.defect,
+        score=analysis.score,
+        decision=prediction.decision,
+        regions=regions,
+        tile_labels=labels,
+        tile_scores=scores,
+    )
 
 
 SAMPLE_TILES = 4
@@ -193,12 +228,16 @@ def write_outputs(
         "pixel threshold (raw)": f"{detector.calibration.pixel_threshold:.5g}",
         "calibration": detector.calibration.method,
     }
+    operating_point = detector.calibration.evidence.get("operating_point")
+    if operating_point:
+        info["operating point"] = describe_operating_point(operating_point)
     return write_report(
         report_dir,
         title=f"Loomwatch evaluation: {detector.manifest.model_type}",
         metrics=result.metrics,
         curves=result.accumulator.curves(),
         per_defect=result.accumulator.per_defect(),
+        decisions=per_defect_decisions(result.outcomes),
         misses=result.misses,
         figures=model_figures(detector, result),
         info=info,

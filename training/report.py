@@ -116,6 +116,7 @@ def write_report(
     misses: Sequence[tuple[str, bytes]] = (),
     figures: Sequence[tuple[str, bytes]] = (),
     info: dict[str, str] | None = None,
+    decisions: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Write ``out_dir/report.html`` with its images beside it and return the page's path.
 
@@ -123,7 +124,10 @@ def write_report(
     are drawn in ``roc.png`` with their AUROC in the legend. ``misses`` and ``figures`` are
     (caption, PNG bytes) pairs: overlays of the worst misses, and any other images (such as
     reconstructions). ``per_defect`` rows are shown as they are, in order (the evaluation's
-    ``EvaluationAccumulator.per_defect``). NaN values read "n/a".
+    ``EvaluationAccumulator.per_defect``). The decision figures (``detection_rate`` and the
+    others of ``training.decisions``, with their intervals) come first, with ``decisions``, the
+    per-defect decision rows, below them: what a line would do comes before how well scores
+    rank. NaN values read "n/a".
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +136,7 @@ def write_report(
             if not data.startswith(PNG_SIGNATURE):
                 raise ValueError(f"{kind} {index} is not a PNG image")
 
-    sections = [_headline(metrics), _info_table(info or {})]
+    sections = [_decisions(metrics, decisions), _headline(metrics), _info_table(info or {})]
     if curves:
         _write_atomic(out_dir / "roc.png", _roc_png(curves, metrics))
         caption = "ROC curves. Right: the same curves at low false-positive rates (log scale)."
@@ -162,6 +166,49 @@ def write_report(
 
 
 # --------------------------------------------------------------------------- sections
+
+
+DECISION_CARDS = {
+    "detection_rate": ("Detection rate", "defective images decided anomalous"),
+    "false_alarm_rate": ("False-alarm rate", "defect-free images decided anomalous"),
+    "region_recall": ("Region recall", "defect regions touched by a reported region"),
+    "region_precision": ("Region precision", "reported regions that touch a defect"),
+}
+
+
+def _decisions(metrics: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    cards = []
+    for key, (name, what) in DECISION_CARDS.items():
+        if key not in metrics:
+            continue
+        low, high = metrics.get(f"{key}_ci95_low"), metrics.get(f"{key}_ci95_high")
+        interval = f"95% CI {_format(low)} to {_format(high)}" if _is_number(low) else ""
+        cards.append(
+            f'<div class="card"><div class="value">{_format(metrics[key])}</div>'
+            f'<div class="name">{_text(name)}</div>'
+            f'<div class="what">{_text(what)}<br>{_text(interval)}</div></div>'
+        )
+    if not cards:
+        return ""
+    body = f'<div class="cards">{"".join(cards)}</div>'
+    if rows:
+        table_rows = "".join(
+            f'<tr><td>{_text(str(row["defect"]))}</td><td class="num">{row["n"]}</td>'
+            f'<td class="num">{row["decided_anomalous"]}</td>'
+            f'<td class="num">{_rate_bar(float(row["rate"]), alarm=row["defect"] == "defect-free")}'
+            f'</td><td class="num">{_format(row["rate_ci95"][0])} to '
+            f"{_format(row['rate_ci95'][1])}</td>"
+            f'<td class="num">{_format(row.get("region_recall", ""))}</td></tr>'
+            for row in rows
+        )
+        body += (
+            "<table><tr><th>defect</th><th>n</th><th>decided anomalous</th><th>rate</th>"
+            f"<th>95% CI</th><th>region recall</th></tr>{table_rows}</table>"
+            '<p class="note">At the calibrated operating point, as served. Rate: detection '
+            "rate for a defect type, false-alarm rate on the defect-free row. Intervals: "
+            "bootstrap over images (whole strips).</p>"
+        )
+    return _section("Decisions at the operating point", body)
 
 
 def _headline(metrics: dict[str, Any]) -> str:

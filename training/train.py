@@ -28,7 +28,7 @@ from models.pipeline import Detector
 from models.preprocessing import valid_area
 from models.registry import model_class
 from models.tiling import TileDataset, pad_to_tile, plan_tiles
-from training.calibrate import fit_calibration
+from training.calibrate import check_clean_images, fit_calibration, fit_regions
 from training.config import TrainConfig
 from training.data import (
     Dataset,
@@ -74,18 +74,21 @@ def validation_scorer(
 ) -> Callable[[AnomalyModel], float] | None:
     """Tile AUROC on a fixed sample of validation tiles, for models that pick their best state.
 
-    All defective tiles (up to half the sample) and a seeded sample of defect-free ones. None
-    when the validation split has no defect mask: the model then falls back to its loss.
+    Only defective validation images with a mask take part: their defect tiles against their
+    defect-free tiles. The defect-free validation images stay out, held back for the operating
+    point (``training.calibrate``), so that the state chosen here cannot have been chosen for
+    scoring them low. All defect tiles (up to half the sample) and a seeded sample of the others.
+    None when no validation image has a defect mask: the model then falls back to its loss.
     """
     pipeline = config.pipeline
     positives: list[tuple[np.ndarray, np.ndarray]] = []
     negatives: list[tuple[np.ndarray, np.ndarray]] = []
     for sample in split.validation:
-        if sample.label == 1 and not has_pixel_labels(sample):
+        if sample.label == 0 or not has_pixel_labels(sample):
             continue
         image = load_image(sample)
         valid = valid_area(image, pipeline.valid_area)
-        mask = load_mask(sample, image.shape) if sample.label == 1 else np.zeros_like(valid)
+        mask = load_mask(sample, image.shape)
         image, valid = pad_to_tile(image, valid, pipeline.tile_size)
         mask = np.pad(
             mask, [(0, image.shape[0] - mask.shape[0]), (0, image.shape[1] - mask.shape[1])]
@@ -125,6 +128,12 @@ def _uncalibrated() -> Calibration:
     )  # fmt: skip
 
 
+def check_split(split: Split, config: TrainConfig, where: str) -> None:
+    """What the split must hold besides training images: enough held-back defect-free images."""
+    held_back = sum(sample.label == 0 for sample in split.validation)
+    check_clean_images(held_back, config.calibration, where)
+
+
 def train(
     model_type: str,
     data: Path,
@@ -143,6 +152,7 @@ def train(
     budget = max_minutes * 60.0 if max_minutes else None
     dataset = load_dataset(data, fabric=fabric)
     split = split_dataset(dataset, val_fraction=config.data.val_fraction, seed=seed)
+    check_split(split, config, str(data))
     if on_split is not None:
         on_split(dataset, split)
     cls = model_class(model_type)
@@ -182,7 +192,16 @@ def train(
     analysed = list(analyse_samples(detector, split.validation, progress=progress, desc="validate"))
     rate = config.calibration.negative_pixel_rate
     samples = calibration_samples(analysed, rate, seed)
-    manifest.calibration = fit_calibration(samples, config.calibration)
+    calibration = fit_calibration(samples, config.calibration, seed)
+    if config.calibration.fit_regions:
+        labelled = [(sample.label, analysis, mask) for sample, analysis, mask in analysed]
+        calibration, settings, regions = fit_regions(
+            detector, labelled, calibration, samples, config.suppression
+        )
+        calibration.evidence["regions"] = regions
+        manifest.suppression = settings.model_dump()
+        detector.suppression = settings
+    manifest.calibration = calibration
     evaluation = run_evaluation(detector, analysed, seed=seed)
     del analysed
 

@@ -57,8 +57,10 @@ def test_predict_finds_the_stain(client: TestClient, defect_png: bytes) -> None:
         "min_region_peak",
         "smoothing_sigma",
         "min_valid_fraction",
+        "veto_margin",
     }
     assert log["vetoed_decision"] is False
+    assert body["decision_reason"].endswith("region(s) kept")
     mask = body["mask"]
     assert (mask["format"], mask["width"], mask["height"]) == ("png", WIDTH, HEIGHT)
     pixels = decode_png_b64(mask["png_base64"])
@@ -99,8 +101,15 @@ def test_query_overrides_change_threshold_and_suppression(
     suppressed = log["regions"][0]
     assert contains(suppressed["bbox"], *DEFECT_CENTRE)
     assert {"bbox", "area", "peak", "mean"} <= set(suppressed)
-    # every region suppressed: the alarm is vetoed, and the log says so
-    assert log["vetoed_decision"] is True and body["decision"] == "normal"
+    # every region suppressed, but the score is far above the threshold: still an alarm
+    assert log["vetoed_decision"] is False and body["decision"] == "anomalous"
+    assert "the score is the evidence" in body["decision_reason"]
+    # within the veto margin, suppressing every region turns the alarm off, and the log says so
+    vetoed = post_image(
+        client, defect_png, min_region_area=100_000, threshold=0.25, veto_margin=1.0
+    ).json()
+    assert vetoed["suppression"]["vetoed_decision"] is True and vetoed["decision"] == "normal"
+    assert vetoed["decision_reason"].startswith("vetoed")
 
 
 def test_every_accepted_format_and_mode(client: TestClient, defect_strip: np.ndarray) -> None:

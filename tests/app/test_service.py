@@ -94,7 +94,9 @@ def test_docs_cover_every_route_parameter_and_error(client: TestClient) -> None:
     assert set(paths) == expected
     predict = paths["/predict"]["post"]
     params = {p["name"]: p for p in predict["parameters"]}
-    assert set(params) == {"threshold", "min_region_area", "min_region_peak", "heatmap", "mask"}
+    assert set(params) == {
+        "threshold", "min_region_area", "min_region_peak", "veto_margin", "heatmap", "mask"
+    }  # fmt: skip
     assert all(p.get("description") and p.get("examples") for p in params.values()), params
     assert {"200", "401", "413", "415", "422", "503"} <= set(predict["responses"])
     assert "image/png" in paths["/predict/overlay"]["post"]["responses"]["200"]["content"]

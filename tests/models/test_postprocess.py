@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from models.calibration import Calibration
-from models.postprocess import SuppressionSettings, decide, postprocess
+from models.postprocess import SuppressionSettings, decide, postprocess, settle
 
 
 def _map_with_blobs() -> tuple[np.ndarray, np.ndarray]:
@@ -33,16 +35,37 @@ def test_regions_are_kept_or_suppressed_with_reasons() -> None:
 def test_decision_rule() -> None:
     values, valid = _map_with_blobs()
     lenient = postprocess(values, valid, SuppressionSettings(smoothing_sigma=0))
-    assert decide(0.7, 0.5, lenient) is True
-    assert decide(0.4, 0.5, lenient) is False  # score below threshold: never anomalous
+    assert decide(0.7, 0.5, lenient).anomalous is True
+    assert decide(0.4, 0.5, lenient).anomalous is False  # below threshold: never anomalous
     strict = postprocess(
         values, valid, SuppressionSettings(min_region_area=10_000, smoothing_sigma=0)
     )
-    assert strict.vetoed and decide(0.9, 0.5, strict) is False  # every region suppressed: veto
+    assert strict.all_suppressed
+    marginal = decide(0.52, 0.5, strict)  # within the veto margin (0.05): suppression vetoes
+    assert marginal.anomalous is False and marginal.vetoed and "vetoed" in marginal.reason
+    strong = decide(0.9, 0.5, strict)  # far above the threshold: the score is the evidence
+    assert strong.anomalous is True and not strong.vetoed and "suppressed" in strong.reason
+    no_margin = strict.settings.model_copy(update={"veto_margin": 0.0})
+    assert decide(0.5, 0.5, replace(strict, settings=no_margin)).anomalous is True
+    wide_margin = strict.settings.model_copy(update={"veto_margin": 0.5})
+    assert decide(0.9, 0.5, replace(strict, settings=wide_margin)).vetoed is True
     empty = postprocess(
         np.zeros((20, 20), np.float32), np.ones((20, 20), bool), SuppressionSettings()
     )
-    assert not empty.vetoed and decide(0.9, 0.5, empty) is True  # score alone is evidence
+    assert not empty.all_suppressed and decide(0.51, 0.5, empty).anomalous is True
+
+
+def test_an_image_decided_normal_reports_no_region() -> None:
+    values, valid = _map_with_blobs()
+    found = postprocess(values, valid, SuppressionSettings(smoothing_sigma=0))
+    assert found.kept and found.mask.any()
+    normal = settle(found, decide(0.3, 0.5, found))
+    assert normal.kept == [] and not normal.mask.any()
+    moved = [r for r in normal.suppressed if r.reason == "image_not_anomalous"]
+    assert len(moved) == len(found.kept) and len(normal.suppressed) == len(found.suppressed) + len(
+        found.kept
+    )
+    assert settle(found, decide(0.9, 0.5, found)) is found  # an alarm keeps its regions
 
 
 def test_normalisation_maps_threshold_to_half() -> None:

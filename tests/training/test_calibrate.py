@@ -1,8 +1,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from training.calibrate import CalibrationSamples, f1_optimal_threshold, fit_calibration
+from training.calibrate import (
+    CalibrationError,
+    CalibrationSamples,
+    describe_operating_point,
+    f1_optimal_threshold,
+    fit_calibration,
+    required_clean_images,
+)
 from training.config import CalibrationConfig
 
 
@@ -20,7 +28,7 @@ def _samples(scores: list[float], labels: list[int]) -> CalibrationSamples:
     return samples
 
 
-def test_image_threshold_does_not_flag_everything_when_defects_dominate() -> None:
+def test_f1_rule_does_not_flag_everything_when_defects_dominate() -> None:
     # 2 clean (1, 2) and 8 defective (1.5, 3..9). Plain F1 is best at threshold 1.5 (flags one
     # of the two clean images: P = 8/9, R = 1 -> 0.941 vs P = 1, R = 7/8 -> 0.933 at 3). With the
     # classes weighted equally (each defective 1/16, each clean 1/4), threshold 1.5 gives
@@ -28,13 +36,39 @@ def test_image_threshold_does_not_flag_everything_when_defects_dominate() -> Non
     scores = [1.0, 2.0, 1.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
     labels = [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
     assert f1_optimal_threshold(np.array(labels), np.array(scores)) == 1.5
-    calibration = fit_calibration(_samples(scores, labels), CalibrationConfig())
+    config = CalibrationConfig(image_rule="f1")
+    calibration = fit_calibration(_samples(scores, labels), config)
     assert calibration.image_threshold == 3.0
     assert calibration.method.startswith("image:f1-balanced")
     assert calibration.pixel_threshold == 2.0  # defect pixels score 2, the rest 0.5
 
 
-def test_percentiles_without_defective_images() -> None:
-    calibration = fit_calibration(_samples([1.0, 2.0, 3.0], [0, 0, 0]), CalibrationConfig())
-    assert calibration.method == "image:p99,pixel:p99.99"
-    assert 2.9 < calibration.image_threshold <= 3.0
+def test_false_alarm_rule_uses_the_conformal_rank_of_held_back_clean_images() -> None:
+    # 39 clean images scoring 1..39, target 5 %: k = ceil(40 * 0.95) = 38, so the threshold sits
+    # just above 38 and a new clean image exceeds it with probability <= (40 - 38) / 40 = 5 %.
+    clean = [float(v) for v in range(1, 40)]
+    samples = _samples([*clean, 50.0], [0] * 39 + [1])
+    calibration = fit_calibration(samples, CalibrationConfig(target_false_alarm=0.05))
+    assert 38.0 < calibration.image_threshold < 38.0001
+    evidence = calibration.evidence["operating_point"]
+    assert evidence["rank"] == 38 and evidence["target_reachable"] is True
+    assert evidence["false_alarm_bound"] == 0.05 and evidence["held_back_false_alarms"] == 1
+    low, high = evidence["threshold_ci95"]
+    assert low <= 38.0 <= high
+    assert "<= 5% expected" in describe_operating_point(evidence)
+
+
+def test_false_alarm_rule_says_when_too_few_images_reach_the_target() -> None:
+    calibration = fit_calibration(_samples([1.0, 3.0, 2.0], [0, 0, 0]), CalibrationConfig())
+    assert 3.0 < calibration.image_threshold < 3.0001  # just above the highest
+    evidence = calibration.evidence["operating_point"]
+    assert evidence["target_reachable"] is False and evidence["false_alarm_bound"] == 0.25
+    assert evidence["images_needed_for_target"] == 19
+    assert "needs 19 held-back images" in describe_operating_point(evidence)
+    assert calibration.method == "image:false-alarm-0.05,pixel:p99.99"
+
+
+def test_too_few_held_back_clean_images_is_a_clear_error() -> None:
+    with pytest.raises(CalibrationError, match="at least 3 defect-free images.*holds back 2"):
+        fit_calibration(_samples([1.0, 2.0, 5.0], [0, 0, 1]), CalibrationConfig())
+    assert required_clean_images(0.05) == 19 and required_clean_images(0.1) == 9
