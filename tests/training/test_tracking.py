@@ -19,14 +19,16 @@ import pytest
 from mlflow.entities import Run
 
 from loomwatch.cli import main
+from models.bundle import read_manifest
 from tests.helpers import FAST_TRAIN, aliases, artifact_paths, sample_images, train_cli
 from tests.helpers import tracking_client as client
 from tracking.registry import TAG
 from tracking.store import ModelUriError, artifact_location, tracking_uri
 from tracking.uris import pin_model_uri, resolve_model_uri
 from training.config import load_config
-from training.data import fingerprint, load_dataset
+from training.data import fingerprint, load_dataset, split_dataset
 from training.runs import training_run
+from training.synth import generate_dataset
 from training.train import train
 
 NAME = "fabric-test"
@@ -158,40 +160,91 @@ def test_model_uris_resolve_through_mlflow_and_are_cached(
 
 
 @pytest.mark.slow
-def test_promote_moves_champion_only_on_a_better_figure(
+def test_promote_moves_champion_only_when_the_interval_clears_the_margin(
     good: Run, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name = "fabric-promote"
-    register = ["--register", name, "--alias", "champion"]
-    assert train_cli(synth_data, tmp_path / "worse-model", *WORSE, *register) == 0
-    worse = run_named("worse-model")
-    assert worse.data.metrics["image_auroc"] < good.data.metrics["image_auroc"] - 0.05
     capsys.readouterr()
 
-    def promote(*extra: str) -> str:
-        assert main(["--quiet", "promote", name, "--metric", "image_auroc", *extra]) == 0
-        return capsys.readouterr().out.strip()
+    def promote(*extra: str) -> list[str]:
+        assert main(["--quiet", "promote", name, *extra]) == 0
+        return capsys.readouterr().out.strip().splitlines()
 
     def champion() -> str:
         return aliases(name)["champion"]
 
-    mlflow.register_model(f"runs:/{good.info.run_id}/model", name)  # version 2, the better one
-    # Logged figures come from different validation splits (other seed): not comparable.
-    assert "different data" in promote() and champion() == "1"
-    # Evaluated on the same folder, version 2 wins; both figures become version tags.
-    message = promote("--data", str(synth_data))
-    assert message.startswith("promoted version 2") and champion() == "2", message
-    tags = version_tags(name, "2")
-    assert tags[f"{TAG}promotion.previous_version"] == "1"
-    assert float(tags[f"{TAG}promotion.value"]) > float(tags[f"{TAG}promotion.previous_value"])
-    dataset = load_dataset(synth_data)
-    assert tags[f"{TAG}promotion.data_fingerprint"] == fingerprint(dataset.samples, dataset.root)
-    assert promote().startswith("not promoted: version 2 is already champion")
+    mlflow.register_model(f"runs:/{good.info.run_id}/model", name)  # version 1
+    first, figure = promote()  # no champion yet: promoted, with its own figure and interval
+    assert first.startswith("promoted version 1") and champion() == "1", first
+    assert figure.startswith("decision_balance: version 1") and "95% CI" in figure, figure
+    assert version_tags(name, "1")[f"{TAG}promotion.outcome"] == "promoted"
 
-    mlflow.register_model(f"runs:/{good.info.run_id}/model", name)  # version 3: the same figure
-    message = promote()  # same validation split as version 2: comparable, but not better
-    assert message.startswith("not promoted: version 3") and "not above" in message, message
-    assert champion() == "2" and f"{TAG}promotion.value" not in version_tags(name, "3")
+    # Version 2 is worse, trained with another seed: the strips neither version trained on are
+    # the validation strips both splits of the same folder hold.
+    assert train_cli(synth_data, tmp_path / "worse-model", *WORSE, "--register", name) == 0
+    capsys.readouterr()
+    verdict, comparison = promote()
+    assert verdict.startswith("not promoted: the 95% CI of the improvement ["), verdict
+    assert "does not lie above the margin 0.00" in verdict and champion() == "1", verdict
+    dataset = load_dataset(synth_data)
+    val_fraction = read_manifest(resolve_model_uri(f"models:/{name}/1")).training["val_fraction"]
+    splits = [split_dataset(dataset, val_fraction, seed) for seed in (0, 1)]
+    common = {s.name for s in splits[0].validation} & {s.name for s in splits[1].validation}
+    assert 0 < len(common) < len(dataset)
+    assert comparison.endswith(f"over {len(common)} common strips (paired bootstrap)"), comparison
+    tags = version_tags(name, "2")
+    assert tags[f"{TAG}promotion.outcome"] == "not promoted"
+    assert tags[f"{TAG}promotion.champion_version"] == "1"
+    assert tags[f"{TAG}promotion.metric"] == "decision_balance"
+    assert tags[f"{TAG}promotion.n_strips"] == str(len(common))
+    assert float(tags[f"{TAG}promotion.ci95_low"]) <= 0.0 == float(tags[f"{TAG}promotion.margin"])
+    assert float(tags[f"{TAG}promotion.ci95_low"]) <= float(tags[f"{TAG}promotion.ci95_high"])
+    difference = float(tags[f"{TAG}promotion.challenger_value"]) - float(
+        tags[f"{TAG}promotion.champion_value"]
+    )
+    assert float(tags[f"{TAG}promotion.difference"]) == pytest.approx(difference, abs=1e-5)
+    assert tags[f"{TAG}promotion.data_fingerprint"] == fingerprint(dataset.samples, dataset.root)
+    assert (client().get_model_version(name, "2").description or "").startswith(comparison)
+
+    # With --data, both are judged on every image of the folder.
+    verdict, comparison = promote("--data", str(synth_data), "--margin", "0.99")
+    assert verdict.startswith("not promoted") and champion() == "1", verdict
+    assert comparison.endswith(f"over {len(dataset)} common strips (paired bootstrap)")
+    tags = version_tags(name, "2")
+    assert tags[f"{TAG}promotion.data"] == str(synth_data)
+    assert tags[f"{TAG}promotion.margin"] == "0.99"
+
+
+@pytest.mark.slow
+def test_promote_needs_data_both_versions_can_be_judged_on(
+    good: Run, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "fabric-elsewhere"
+    version = mlflow.register_model(f"runs:/{good.info.run_id}/model", name)
+    client().set_registered_model_alias(name, "champion", version.version)
+    other = tmp_path / "other-fabric"
+    generate_dataset(other, fabrics=1, normal=10, defective=3, seed=11, width=512, height=128,
+                     progress=False)  # fmt: skip
+    assert train_cli(other, tmp_path / "elsewhere-model", "--register", name) == 0
+    capsys.readouterr()
+    # Trained on different folders: no strip that neither trained on is common to both.
+    assert main(["--quiet", "promote", name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loomwatch: error: versions 2 and 1 were trained on different data")
+    assert len(err.splitlines()) == 1 and "--data DIR" in err, err
+    assert aliases(name)["champion"] == "1" and f"{TAG}promotion.outcome" not in version_tags(
+        name, "2"
+    )
+    # A folder neither trained on is common data.
+    fresh = tmp_path / "fresh-fabric"
+    generate_dataset(fresh, fabrics=1, normal=3, defective=3, seed=12, width=512, height=128,
+                     progress=False)  # fmt: skip
+    assert main(["--quiet", "promote", name, "--data", str(fresh), "--metric", "strip_auroc"]) == 0
+    verdict, comparison = capsys.readouterr().out.strip().splitlines()
+    assert verdict.startswith(("promoted version 2", "not promoted")), verdict
+    assert comparison.startswith("strip_auroc: challenger") and "over 6 common strips" in comparison
+    outcome = version_tags(name, "2")[f"{TAG}promotion.outcome"]
+    assert aliases(name)["champion"] == ("2" if outcome == "promoted" else "1")
 
 
 def test_a_failing_run_ends_failed_and_registers_nothing(
@@ -201,7 +254,7 @@ def test_a_failing_run_ends_failed_and_registers_nothing(
     data = tmp_path / "unreadable-normals"
     (data / "normal").mkdir(parents=True)
     (data / "anomalous").mkdir()
-    for index in range(3):
+    for index in range(10):
         (data / "normal" / f"strip-{index}.png").write_bytes(b"not a png at all")
     for path in sorted((synth_data / "Defect_images").glob("*.png"))[:2]:
         (data / "anomalous" / path.name).write_bytes(path.read_bytes())
@@ -254,7 +307,8 @@ def test_mlflow_problems_are_one_line_errors(
     fails(["train", "--model", "patchcore", "--data", str(synth_data), "--out", out,
            "--register", "a/b"], "--register")  # fmt: skip
     fails(["promote", "no-such-model", "--metric", "image_auroc"], "no-such-model")
-    fails(["promote", NAME, "--metric", "loss"], "--metric")
+    fails(["promote", NAME, "--metric", "loss"], "decision_balance")
+    fails(["promote", NAME, "--margin", "1.5"], "--margin")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     fails(["train", "--model", "patchcore", "--data", str(synth_data), "--out", out], "unreachable")
     fails(["predict", "--model-uri", f"models:/{NAME}@champion", out], "unreachable")
