@@ -1,4 +1,4 @@
-"""The HTML evaluation report: headline figures, ROC curves, a per-defect table, the worst misses.
+"""The HTML evaluation report: decisions, headline figures, ROC curves, per-defect tables, misses.
 
 :func:`write_report` writes ``report.html`` and its PNG files into one folder. The page is
 self-contained: images are linked by relative file names in the same folder, the CSS is inline,
@@ -52,6 +52,14 @@ TILED_HEADLINES = {
     "f1_max": ("F1-max", "Best F1 over all thresholds, over tiles"),
 }
 OTHER_DESCRIPTIONS = {
+    "detection_rate": "Defective images decided anomalous at the operating point",
+    "false_alarm_rate": "Defect-free images decided anomalous at the operating point",
+    "region_recall": "Defect regions touched by a reported region (images with masks)",
+    "region_precision": "Reported regions that touch a defect",
+    "n_defect_regions": "Defect regions (connected parts of the masks, on fabric)",
+    "n_kept_regions": "Regions reported on images with known pixels",
+    "n_defective_strips": "Defective images",
+    "n_defect_free_strips": "Defect-free images",
     "f1_max_threshold": "Raw score at which F1-max is reached",
     "threshold": "Calibrated image threshold in use",
     "n_images": "Images evaluated",

@@ -207,7 +207,7 @@ def train(
 
     manifest.metrics = {k: _number(v) for k, v in evaluation.metrics.items()}
     manifest.training = {
-        "data": str(data),
+        "data": str(Path(data).resolve()),  # absolute: promote finds it from anywhere
         "layout": dataset.layout,
         "fabric": fabric,
         "seed": seed,

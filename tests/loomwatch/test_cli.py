@@ -112,6 +112,7 @@ def own_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("empty", None, "data layout not recognised"),
         ("synth", "99", "fabric"),
         ("only-defects", None, "no defect-free images"),
+        ("few-clean", None, "needs at least 3 defect-free images held back"),
     ],
 )
 def test_train_checks_its_data_before_any_mlflow_run(
@@ -126,10 +127,14 @@ def test_train_checks_its_data_before_any_mlflow_run(
     if folder is None:
         folder = own_store.parent / data
         folder.mkdir()
-        if data == "only-defects":
+        if data in ("only-defects", "few-clean"):
             (folder / "anomalous").mkdir()
             for path in sorted((synth_data / "Defect_images").glob("*.png"))[:2]:
                 (folder / "anomalous" / path.name).write_bytes(path.read_bytes())
+        if data == "few-clean":  # 5 defect-free images: 2 held back for the operating point
+            (folder / "normal").mkdir()
+            for path in sorted((synth_data / "NoDefect_images").rglob("*.png"))[:5]:
+                (folder / "normal" / path.name).write_bytes(path.read_bytes())
     args = ["train", "--model", "patchcore", "--data", str(folder), "--config", "patchcore-cpu"]
     code = main([*args, *(["--fabric", fabric] if fabric else [])])
     assert code == 2

@@ -69,6 +69,6 @@ def test_false_alarm_rule_says_when_too_few_images_reach_the_target() -> None:
 
 
 def test_too_few_held_back_clean_images_is_a_clear_error() -> None:
-    with pytest.raises(CalibrationError, match="at least 3 defect-free images.*holds back 2"):
+    with pytest.raises(CalibrationError, match=r"at least 3 defect-free images.*holds back 2"):
         fit_calibration(_samples([1.0, 2.0, 5.0], [0, 0, 1]), CalibrationConfig())
     assert required_clean_images(0.05) == 19 and required_clean_images(0.1) == 9

@@ -24,7 +24,13 @@ def test_train_writes_a_calibrated_bundle(bundle: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model_type"] == "patchcore"
     assert manifest["config"]["backbone"] == "resnet18"
-    assert manifest["calibration"]["method"].startswith("image:f1")
+    calibration = manifest["calibration"]
+    assert calibration["method"].startswith("image:false-alarm-0.05")
+    operating_point = calibration["evidence"]["operating_point"]
+    assert operating_point["held_back_defect_free"] >= 3  # held back from fitting
+    assert calibration["evidence"]["regions"]["fitted"] is True  # the synthetic defects have masks
+    suppression = manifest["suppression"]
+    assert suppression["min_region_area"] == calibration["evidence"]["regions"]["min_region_area"]
     assert manifest["training"]["fingerprint"] and manifest["training"]["train_images"] > 0
     assert "image_auroc" in manifest["metrics"]
 
@@ -36,8 +42,13 @@ def test_evaluate_writes_json_and_report(bundle: Path, synth_data: Path, tmp_pat
     assert main([*args, "--json", str(out_json), "--report", str(report)]) == 0
     metrics = json.loads(out_json.read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "f1_max", "strip_auroc",
-                "n_images", "n_anomalous", "threshold", "model_uri"):  # fmt: skip
+                "n_images", "n_anomalous", "threshold", "model_uri", "detection_rate",
+                "false_alarm_rate", "region_recall", "region_precision",
+                "detection_rate_ci95_low", "detection_rate_ci95_high"):  # fmt: skip
         assert key in metrics, key
+    assert 0.0 <= metrics["detection_rate_ci95_low"] <= metrics["detection_rate"] <= 1.0
+    page = (report / "report.html").read_text()
+    assert page.index("Decisions at the operating point") < page.index("Tile AUROC")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert metrics["n_images"] == manifest["training"]["validation_images"]
     assert (report / "report.html").exists() and (report / "roc.png").exists()
@@ -79,6 +90,10 @@ def test_bad_input_gives_one_line_and_nonzero_exit(
     _one_line_error(capsys, "unknown model 'resnet'")
     assert main([*train, "--data", str(tmp_path), "--set", "model.nope=1"]) == 2
     _one_line_error(capsys, "model.nope")
+    for rate in ("0", "1", "1.5", "-0.1"):  # a false-alarm rate must lie in (0, 1)
+        bad_rate = ["--set", f"calibration.target_false_alarm={rate}"]
+        assert main([*train, "--data", str(tmp_path), *bad_rate]) == 2
+        _one_line_error(capsys, "calibration.target_false_alarm")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
     assert main(["predict", "--model-uri", str(bundle), str(broken)]) == 1
