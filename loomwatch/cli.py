@@ -225,6 +225,7 @@ def _check_registration(name: str | None, alias: str | None) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from models.registry import MODEL_TYPES, UnknownModelError
+    from training.calibrate import describe_operating_point
     from training.config import load_config, resolve_config_file
     from training.data import load_dataset, split_dataset
     from training.runs import run_tags, training_run
@@ -281,6 +282,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(fit {result.seconds['fit']:.1f} s)"
     )
     print(f"validation: {figures}")
+    print(_decision_line(metrics).replace("decisions", "validation decisions", 1))
+    evidence = result.manifest.calibration.evidence
+    if "operating_point" in evidence:
+        print(describe_operating_point(evidence["operating_point"]))
+    regions = evidence.get("regions", {})
+    if regions.get("fitted"):
+        print(
+            f"regions: pixel threshold from {regions['pixel_threshold_from']}, smoothing "
+            f"{regions['smoothing_sigma']:g} px, min area {regions['min_region_area']} px "
+            f"(region F1 {regions['region_f1']:.2f} on validation)"
+        )
+    elif regions:
+        print(f"regions: configured suppression kept ({regions.get('reason', 'not fitted')})")
     print(f"bundle: {result.bundle}")
     print(f"MLflow run: {run.run_id}")
     print(f"model URI: {run.model_uri}")
