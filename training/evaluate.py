@@ -198,6 +198,7 @@ def evaluation_summary(
     summary["pixel_threshold"] = detector.calibration.pixel_threshold
     summary["model_uri"] = model_uri
     summary["model_type"] = detector.manifest.model_type
+    summary["decisions_by_defect"] = per_defect_decisions(result.outcomes)
     cleaned: dict[str, Any] = to_jsonable(summary)
     return cleaned
 

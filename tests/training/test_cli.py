@@ -47,6 +47,9 @@ def test_evaluate_writes_json_and_report(bundle: Path, synth_data: Path, tmp_pat
                 "detection_rate_ci95_low", "detection_rate_ci95_high"):  # fmt: skip
         assert key in metrics, key
     assert 0.0 <= metrics["detection_rate_ci95_low"] <= metrics["detection_rate"] <= 1.0
+    by_defect = {row["defect"]: row for row in metrics["decisions_by_defect"]}
+    assert by_defect["defect-free"]["rate"] == metrics["false_alarm_rate"]
+    assert sum(row["n"] for row in by_defect.values()) == metrics["n_images"]
     page = (report / "report.html").read_text()
     assert page.index("Decisions at the operating point") < page.index("Tile AUROC")
     manifest = json.loads((bundle / "manifest.json").read_text())
