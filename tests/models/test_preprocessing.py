@@ -12,6 +12,8 @@ from PIL import Image
 from models.preprocessing import ImageDecodeError, ValidAreaSettings, decode_image, valid_area
 
 MARGIN = ValidAreaSettings().margin
+# The padding rules on their own; the strip-end margin has its own test.
+PADDING_ONLY = ValidAreaSettings(end_margin=0)
 
 
 def _fabric(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -37,14 +39,14 @@ def _white_fraction(image: np.ndarray) -> np.ndarray:
 
 
 def test_plain_fabric_is_all_valid() -> None:
-    assert valid_area(_fabric(64, 300)).all()
+    assert valid_area(_fabric(64, 300), PADDING_ONLY).all()
 
 
 def test_white_padding_columns_and_margin_are_invalid() -> None:
     image = _fabric(64, 600)
     image[:, :200] = 255  # padding at the start of the strip (quirk 6)
 
-    valid = valid_area(image)
+    valid = valid_area(image, PADDING_ONLY)
 
     assert valid.shape == image.shape
     assert not valid[:, : 200 + MARGIN].any()
@@ -55,7 +57,7 @@ def test_padding_at_the_far_end_is_invalid_too() -> None:
     image = _fabric(32, 500)
     image[:, 380:] = 255
 
-    valid = valid_area(image)
+    valid = valid_area(image, PADDING_ONLY)
 
     assert not valid[:, 380 - MARGIN :].any()
     assert valid[:, : 380 - MARGIN].all()
@@ -75,7 +77,7 @@ def test_ragged_partly_white_border_and_bright_line_are_excluded() -> None:
         image[~np.isin(np.arange(height), rows), column] = 235
     image[:, pad + fade : pad + fade + 3] = 230  # bright edge line
 
-    valid = valid_area(image)
+    valid = valid_area(image, PADDING_ONLY)
 
     assert not valid[:, : pad + fade + MARGIN].any()
     assert valid[:, pad + fade + MARGIN :].all()
@@ -88,7 +90,7 @@ def test_thin_white_runs_inside_the_fabric_are_excluded_with_margin(run_width: i
     start = 400
     image[:, start : start + run_width] = 255
 
-    valid = valid_area(image)
+    valid = valid_area(image, PADDING_ONLY)
 
     assert not valid[:, start - MARGIN : start + run_width + MARGIN].any()
     assert valid[:, : start - MARGIN].all()
@@ -105,7 +107,7 @@ def test_near_white_seam_that_is_not_fully_white_is_excluded() -> None:
         image[:, column] = 215
         image[rows, column] = 255
 
-    valid = valid_area(image)
+    valid = valid_area(image, PADDING_ONLY)
 
     assert not valid[:, 500 - MARGIN : 506 + MARGIN].any()
     assert valid[:, : 500 - MARGIN].all()
@@ -117,7 +119,7 @@ def test_small_bright_defect_inside_the_fabric_stays_valid() -> None:
     image = _fabric(256, 600)
     image[100:180, 300:306] = 255
 
-    assert valid_area(image).all()
+    assert valid_area(image, PADDING_ONLY).all()
 
 
 @pytest.mark.parametrize("width", [40, 777, 3796, 4096])
@@ -126,7 +128,7 @@ def test_any_width_works(width: int) -> None:
     pad = width // 4
     image[:, :pad] = 255
 
-    valid = valid_area(image)
+    valid = valid_area(image, PADDING_ONLY)
 
     assert valid.shape == (16, width)
     assert not valid[:, : pad + MARGIN].any()
@@ -137,7 +139,7 @@ def test_image_smaller_than_the_margin_window_keeps_its_shape() -> None:
     image = _fabric(20, 3 + MARGIN + 2)
     image[:, :3] = 255
 
-    valid = valid_area(image)
+    valid = valid_area(image, PADDING_ONLY)
 
     assert valid.shape == image.shape
     assert not valid[:, : 3 + MARGIN].any()
@@ -149,7 +151,7 @@ def test_wide_side_padding_does_not_make_every_row_padding() -> None:
     image = _fabric(64, 400)
     image[:, :370] = 255
 
-    valid = valid_area(image)
+    valid = valid_area(image, PADDING_ONLY)
 
     assert not valid[:, : 370 + MARGIN].any()
     assert valid[:, 370 + MARGIN :].all()
@@ -159,10 +161,22 @@ def test_white_padding_rows_are_excluded() -> None:
     image = _fabric(200, 300)
     image[150:, :] = 255
 
-    valid = valid_area(image)
+    valid = valid_area(image, PADDING_ONLY)
 
     assert not valid[150 - MARGIN :].any()
     assert valid[: 150 - MARGIN].all()
+
+
+def test_the_ends_of_a_strip_are_not_fabric() -> None:
+    ends = ValidAreaSettings().end_margin
+    valid = valid_area(_fabric(64, 4096))
+    columns = valid.all(axis=0)
+    assert not columns[:ends].any() and not columns[-ends:].any()
+    assert columns[ends:-ends].all() and valid.all(axis=1).sum() == 0  # rows are not cut
+    # never more than a sixteenth of the width: a narrow image keeps most of itself
+    narrow = valid_area(_fabric(64, 128)).all(axis=0)
+    assert narrow.sum() == 128 - 2 * (128 // 16)
+    assert valid_area(_fabric(64, 300), ValidAreaSettings(end_margin=0)).all()
 
 
 def test_all_white_image_has_no_valid_area() -> None:
@@ -173,7 +187,7 @@ def test_settings_change_the_margin() -> None:
     image = _fabric(16, 200)
     image[:, :50] = 255
 
-    valid = valid_area(image, ValidAreaSettings(margin=0))
+    valid = valid_area(image, ValidAreaSettings(margin=0, end_margin=0))
 
     assert not valid[:, :50].any()
     assert valid[:, 50:].all()
@@ -305,15 +319,15 @@ def test_band_beyond_a_white_border_near_the_end_is_not_fabric() -> None:
     image[:, :100] = 70  # dark selvage band at the left end
     image[:, 100:110] = 255  # white border line
     image[:, -5:] = 255  # and a white border at the right end, with nothing beyond it
-    valid = valid_area(image, ValidAreaSettings(selvage_width=0))
+    valid = valid_area(image, ValidAreaSettings(selvage_width=0, end_margin=0))
     assert not valid[:, :110].any()  # the band and the border
     assert valid[:, 110 + 16 : -5 - 16].all() and not valid[:, -5 - 16 :].any()
     # By default the selvage stripes on the fabric side of such a border are excluded too.
-    valid = valid_area(image)
+    valid = valid_area(image, PADDING_ONLY)
     assert not valid[:, : 110 + 96 + 16].any() and valid[:, 110 + 96 + 16 : -5 - 96 - 16].all()
     assert not valid[:, -5 - 96 - 16 :].any()
     far = woven(64, 1024)
     far[:, 500:505] = 255  # a white run in the middle claims only itself and its margin
-    middle = valid_area(far)
+    middle = valid_area(far, PADDING_ONLY)
     assert middle[:, : 500 - 16].all() and not middle[:, 500 - 16 : 505 + 16].any()
     assert middle[:, 505 + 16 :].all()
