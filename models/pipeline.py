@@ -91,6 +91,16 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
 
 
+def _score_window(analysis: Analysis) -> tuple[int, int, int, int] | None:
+    """The tile the image score came from (the highest-scoring tile on fabric), in image pixels."""
+    on_fabric = [i for i, share in enumerate(analysis.tile_valid) if share > 0]
+    if not on_fabric:
+        return None
+    box = analysis.boxes[max(on_fabric, key=lambda i: analysis.tile_scores[i])]
+    height, width = analysis.image.shape
+    return box.y0, box.x0, min(box.y1, height), min(box.x1, width)
+
+
 class Detector:
     """A loaded model with its calibration and pipeline settings."""
 
@@ -178,7 +188,9 @@ class Detector:
             score = calibration.normalize_image(analysis.score)
             normalized_map = calibration.normalize_pixels(analysis.anomaly_map)
         with _timed(timings, "postprocess"):
-            found = postprocess(normalized_map, analysis.valid, settings)
+            strong = score >= used + settings.veto_margin
+            evidence = _score_window(analysis) if strong else None
+            found = postprocess(normalized_map, analysis.valid, settings, evidence)
             verdict = decide(score, used, found)
             post = settle(found, verdict)
         timings["total"] = sum(timings.values())

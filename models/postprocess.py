@@ -51,6 +51,9 @@ class SuppressionSettings(BaseModel):
     )
 
 
+Window = tuple[int, int, int, int]  # y0, x0, y1, x1 (end exclusive)
+
+
 @dataclass(frozen=True)
 class Region:
     x: int
@@ -102,13 +105,36 @@ def _suppression_reason(
     return None
 
 
+def _evidence_label(
+    labels: np.ndarray, smoothed: np.ndarray, valid: np.ndarray, window: Window | None
+) -> int:
+    """The component holding the highest fabric pixel of ``window`` (0: none there)."""
+    if window is None:
+        return 0
+    y0, x0, y1, x1 = window
+    values = np.where(valid[y0:y1, x0:x1], smoothed[y0:y1, x0:x1], -np.inf)
+    if not np.isfinite(values).any():
+        return 0
+    y, x = np.unravel_index(int(np.argmax(values)), values.shape)
+    return int(labels[y0 + y, x0 + x])
+
+
 def postprocess(
-    normalized_map: np.ndarray, valid: np.ndarray, settings: SuppressionSettings
+    normalized_map: np.ndarray,
+    valid: np.ndarray,
+    settings: SuppressionSettings,
+    evidence: Window | None = None,
 ) -> PostProcessResult:
-    """Find, judge and log the regions of a normalised anomaly map (threshold 0.5)."""
+    """Find, judge and log the regions of a normalised anomaly map (threshold 0.5).
+
+    ``evidence`` is the window (y0, x0, y1, x1) the image score came from, given when that
+    score alone makes the image anomalous: the region at its highest pixel is the decision's
+    own evidence and is not suppressed for its area or peak (only for lying off the fabric).
+    """
     smoothed = smooth(normalized_map.astype(np.float32), settings.smoothing_sigma)
     binary = (smoothed >= 0.5).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    evidence_label = _evidence_label(labels, smoothed, valid, evidence)
     mask = np.zeros(binary.shape, dtype=np.uint8)
     kept: list[Region] = []
     suppressed: list[Region] = []
@@ -120,6 +146,8 @@ def postprocess(
         region_pixels = smoothed[y : y + height, x : x + width][box_valid if area else box_labels]
         peak, mean = float(region_pixels.max()), float(region_pixels.mean())
         reason = _suppression_reason(area, area / total, peak, settings)
+        if label == evidence_label and reason in ("area_below_min", "peak_below_min"):
+            reason = None
         region = Region(x, y, width, height, area, round(peak, 4), round(mean, 4), reason)
         if reason is None:
             kept.append(region)

@@ -55,6 +55,23 @@ def test_decision_rule() -> None:
     assert not empty.all_suppressed and decide(0.51, 0.5, empty).anomalous is True
 
 
+def test_the_region_the_score_came_from_is_not_suppressed_for_size_or_peak() -> None:
+    values, valid = _map_with_blobs()
+    settings = SuppressionSettings(min_region_area=10, min_region_peak=0.6, smoothing_sigma=0)
+    # the 4 px blob at (50, 50) is below the minimum area, unless the score came from its window
+    plain = postprocess(values, valid, settings)
+    assert all((r.x, r.y) != (50, 50) for r in plain.kept)
+    shown = postprocess(values, valid, settings, evidence=(40, 40, 60, 60))
+    assert any((r.x, r.y, r.area) == (50, 50, 4) for r in shown.kept)
+    assert shown.mask[51, 51] == 255 and len(shown.kept) == len(plain.kept) + 1
+    # the weak, large blob is the evidence of its window: kept despite its peak
+    weak = postprocess(values, valid, settings, evidence=(70, 100, 85, 115))
+    assert any((r.x, r.y) == (100, 70) for r in weak.kept)
+    # but never a region off the fabric
+    off = postprocess(values, valid, settings, evidence=(40, 185, 60, 200))
+    assert [r.reason for r in off.suppressed if r.x == 185] == ["outside_valid_area"]
+
+
 def test_an_image_decided_normal_reports_no_region() -> None:
     values, valid = _map_with_blobs()
     found = postprocess(values, valid, SuppressionSettings(smoothing_sigma=0))
