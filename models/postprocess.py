@@ -13,6 +13,12 @@ this order of reasons, when
 Every suppressed component is logged with its box, area, peak and mean score and the reason,
 together with the settings in force.
 
+The score's own evidence: when the image score reaches the threshold by ``veto_margin`` or more,
+the pipeline passes the window (tile) that score came from, and the component holding that
+window's highest fabric pixel is not suppressed for its area or peak (only for lying off the
+fabric). A decision made on a strong score thus always shows where it came from, however small
+or faint the defect (AITEX defects can be 8 px wide).
+
 Image decision rule (:func:`decide`): the image score decides. An image is anomalous when its
 normalised score reaches the image threshold, with one exception near the threshold: when the
 score is less than ``veto_margin`` above the threshold, components were found and every one of

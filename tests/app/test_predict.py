@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.imaging import rle_decode
+from models.preprocessing import ValidAreaSettings
 from tests.helpers import DEFECT_CENTRE, HEIGHT, WIDTH, make_settings, png_bytes, post_image
 
 STAGES = {"queue", "decode", "preprocess", "model", "postprocess", "encode", "inference", "total"}
@@ -43,7 +44,10 @@ def test_predict_finds_the_stain(client: TestClient, defect_png: bytes) -> None:
         "PNG",
         "L",
     )
-    assert image["filename"] == "strip.png" and image["tiles"] == (WIDTH // 64) * (HEIGHT // 64)
+    # the left and right ends of a strip (end_margin, at most a sixteenth of the width) are not tiled
+    ends = min(ValidAreaSettings().end_margin, WIDTH // 16)
+    assert image["filename"] == "strip.png"
+    assert image["tiles"] == ((WIDTH - 2 * ends) // 64) * (HEIGHT // 64) < (WIDTH // 64) * (HEIGHT // 64)
     assert body["decision"] == "anomalous" and body["is_anomalous"] is True
     assert body["score"] >= body["threshold"] == 0.5
     assert isinstance(body["raw_score"], float) and isinstance(body["raw_threshold"], float)
@@ -92,24 +96,28 @@ def test_rle_mask_matches_png_and_heatmap_on_request(client: TestClient, defect_
 def test_query_overrides_change_threshold_and_suppression(
     client: TestClient, defect_png: bytes
 ) -> None:
-    body = post_image(client, defect_png, min_region_area=100_000, threshold=0.25).json()
-    assert body["threshold"] == 0.25
-    log = body["suppression"]
-    assert log["settings"]["min_region_area"] == 100_000
-    assert body["regions"] == [] and log["regions"]
-    assert {region["reason"] for region in log["regions"]} == {"area_below_min"}
-    suppressed = log["regions"][0]
-    assert contains(suppressed["bbox"], *DEFECT_CENTRE)
-    assert {"bbox", "area", "peak", "mean"} <= set(suppressed)
-    # every region suppressed, but the score is far above the threshold: still an alarm
-    assert log["vetoed_decision"] is False and body["decision"] == "anomalous"
-    assert "the score is the evidence" in body["decision_reason"]
     # within the veto margin, suppressing every region turns the alarm off, and the log says so
     vetoed = post_image(
         client, defect_png, min_region_area=100_000, threshold=0.25, veto_margin=1.0
     ).json()
-    assert vetoed["suppression"]["vetoed_decision"] is True and vetoed["decision"] == "normal"
+    assert vetoed["threshold"] == 0.25
+    log = vetoed["suppression"]
+    assert log["settings"]["min_region_area"] == 100_000 and log["settings"]["veto_margin"] == 1.0
+    assert vetoed["regions"] == [] and log["regions"]
+    assert {region["reason"] for region in log["regions"]} == {"area_below_min"}
+    suppressed = log["regions"][0]
+    assert contains(suppressed["bbox"], *DEFECT_CENTRE)
+    assert {"bbox", "area", "peak", "mean"} <= set(suppressed)
+    assert log["vetoed_decision"] is True and vetoed["decision"] == "normal"
     assert vetoed["decision_reason"].startswith("vetoed")
+    # the score far above the threshold (beyond the default margin): still an alarm, and the
+    # region the score came from is its evidence, kept whatever its area
+    body = post_image(client, defect_png, min_region_area=100_000, threshold=0.25).json()
+    assert body["suppression"]["vetoed_decision"] is False and body["decision"] == "anomalous"
+    assert body["score"] >= 0.25 + body["suppression"]["settings"]["veto_margin"]
+    assert len(body["regions"]) == 1 and contains(body["regions"][0]["bbox"], *DEFECT_CENTRE)
+    assert body["regions"][0]["area"] < 100_000
+    assert all(r["reason"] == "area_below_min" for r in body["suppression"]["regions"])
 
 
 def test_every_accepted_format_and_mode(client: TestClient, defect_strip: np.ndarray) -> None:

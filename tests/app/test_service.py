@@ -47,7 +47,8 @@ def test_metrics_count_requests_predictions_and_regions(
     post_image(client, defect_png)
     post_image(client, clean_png)
     post_image(client, b"nope", ctype="text/plain")
-    post_image(client, defect_png, min_region_area=100_000)  # a suppressed region
+    # a suppressed region (within the veto margin, so not kept as the score's evidence)
+    post_image(client, defect_png, min_region_area=100_000, veto_margin=1.0)
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/")
     text = response.text
