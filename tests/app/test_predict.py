@@ -44,10 +44,14 @@ def test_predict_finds_the_stain(client: TestClient, defect_png: bytes) -> None:
         "PNG",
         "L",
     )
-    # the left and right ends of a strip (end_margin, at most a sixteenth of the width) are not tiled
+    # the ends of a strip (end_margin, at most a sixteenth of the width) are not tiled
     ends = min(ValidAreaSettings().end_margin, WIDTH // 16)
     assert image["filename"] == "strip.png"
-    assert image["tiles"] == ((WIDTH - 2 * ends) // 64) * (HEIGHT // 64) < (WIDTH // 64) * (HEIGHT // 64)
+    assert (
+        image["tiles"]
+        == ((WIDTH - 2 * ends) // 64) * (HEIGHT // 64)
+        < (WIDTH // 64) * (HEIGHT // 64)
+    )
     assert body["decision"] == "anomalous" and body["is_anomalous"] is True
     assert body["score"] >= body["threshold"] == 0.5
     assert isinstance(body["raw_score"], float) and isinstance(body["raw_threshold"], float)
