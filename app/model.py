@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from app.settings import Settings
-from models.bundle import MANIFEST, WEIGHTS
+from models.manifest import folder_digest
 from models.pipeline import Detector
 from models.postprocess import SuppressionSettings
 from tracking.uris import parse_model_uri, resolve_model_uri
@@ -39,12 +38,8 @@ class LoadedModel:
 
 
 def bundle_digest(folder: Path) -> str:
-    sha = hashlib.sha256()
-    for name in (MANIFEST, WEIGHTS):
-        with open(folder / name, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                sha.update(block)
-    return "sha256:" + sha.hexdigest()[:12]
+    """The served model's version when the URI names none: a digest of its folder's files."""
+    return folder_digest(folder)
 
 
 def name_and_version(uri: str, folder: Path, digest: str) -> tuple[str, str]:

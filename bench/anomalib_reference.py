@@ -41,7 +41,8 @@ import numpy as np
 
 from bench import aitex_dir
 from models.preprocessing import valid_area
-from models.tiling import Box, TileDataset, pad_to_tile, plan_tiles, stitch
+from models.tile_dataset import TileDataset
+from models.tiling import Box, pad_to_tile, plan_tiles, stitch
 from training.data import load_dataset, load_image, load_mask, split_dataset
 
 TILE = 256

@@ -70,13 +70,11 @@ def main() -> None:
     loaded = rss_mib()
     strip = decode_image(args.image) if args.image else synthetic_strip()
     tile = detector.pipeline.tile_size
-    tiles = torch.from_numpy(np.stack([strip[:tile, :tile]] * args.batch_size)).float()[:, None]
-    tiles /= 255.0
-    valid = torch.ones_like(tiles, dtype=torch.bool)
+    tiles = np.stack([strip[:tile, :tile]] * args.batch_size)[:, None].astype(np.float32) / 255.0
+    valid = np.ones_like(tiles, dtype=bool)
 
-    with torch.inference_mode():
-        detector.model.predict(tiles, valid)  # warm-up
-        per_batch = time_calls(lambda: detector.model.predict(tiles, valid), args.repeats)
+    detector.network.run(tiles, valid)  # warm-up
+    per_batch = time_calls(lambda: detector.network.run(tiles, valid), args.repeats)
     per_tile = [t / args.batch_size for t in per_batch]
     detector.predict(strip)  # warm-up
     per_strip = time_calls(lambda: detector.predict(strip), args.repeats)

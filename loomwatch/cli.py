@@ -42,7 +42,8 @@ BUILTIN_USER_ERRORS = (CliError, FileNotFoundError, NotADirectoryError, Permissi
 # already loaded: an error whose module was never imported cannot have been raised, and the
 # modules (torch, MLflow behind them) are not imported just to catch it.
 USER_ERRORS = {
-    "models.bundle": ("BundleError",),
+    "models.manifest": ("BundleError",),
+    "models.network": ("BackendError",),
     "models.patchcore": ("WeightsError",),
     "models.preprocessing": ("ImageDecodeError",),
     "models.registry": ("UnknownModelError",),

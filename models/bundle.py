@@ -14,56 +14,40 @@ import os
 import platform
 import shutil
 import tempfile
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.base import AnomalyModel
-from models.calibration import Calibration
-from models.preprocessing import ValidAreaSettings
+from models.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    BundleError,
+    Manifest,
+    PipelineConfig,
+    read_manifest,
+)
 from models.registry import UnknownModelError, model_class
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "WEIGHTS",
+    "BundleError",
+    "Manifest",
+    "PipelineConfig",
+    "library_versions",
+    "load_bundle",
+    "read_manifest",
+    "save_bundle",
+]
+
 WEIGHTS = "weights.safetensors"
-
-
-class BundleError(RuntimeError):
-    """A bundle could not be written or read; the message names the file and the reason."""
-
-
-class PipelineConfig(BaseModel):
-    """How images are cut, scored and post-processed around the model."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tile_size: int = Field(default=256, ge=32)
-    stride: int = Field(default=256, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    train_min_valid_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
-    valid_area: ValidAreaSettings = Field(default_factory=ValidAreaSettings)
-
-
-class Manifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    format_version: int = FORMAT_VERSION
-    model_type: str
-    config: dict[str, Any]
-    pipeline: PipelineConfig
-    calibration: Calibration
-    suppression: dict[str, Any] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, float | None] = Field(default_factory=dict)
-    versions: dict[str, str] = Field(default_factory=dict)
-    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
 def library_versions() -> dict[str, str]:
@@ -101,29 +85,6 @@ def save_bundle(directory: Path | str, model: AnomalyModel, manifest: Manifest) 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-def read_manifest(directory: Path | str) -> Manifest:
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
-        raise BundleError(f"{directory}: not a bundle folder (no such directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing; this folder is not a Loomwatch bundle") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: unreadable ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise BundleError(f"{path}: expected a JSON object")
-    version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: format version {version!r} is not supported ({FORMAT_VERSION})")
-    try:
-        return Manifest.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise BundleError(f"{path}: invalid field '{where}': {first['msg']}") from None
 
 
 def load_bundle(directory: Path | str) -> tuple[AnomalyModel, Manifest]:

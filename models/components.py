@@ -60,8 +60,15 @@ def normalise(tiles: torch.Tensor, valid: torch.Tensor | None, per_tile: bool) -
 
 
 def _nan_median(values: torch.Tensor) -> torch.Tensor:
-    """[B,N] with NaN off fabric -> [B,1,1,1] median of each row (0 for a row of NaN)."""
-    return torch.nanmedian(values, dim=1).values.nan_to_num(0.0).view(-1, 1, 1, 1)
+    """[B,N] with NaN off fabric -> [B,1,1,1] median of each row (0 for a row of NaN).
+
+    The lower median, as ``torch.nanmedian`` gives it, written with a sort so that the graph
+    exports to ONNX (which has no NaN median)."""
+    present = ~torch.isnan(values)
+    count = present.sum(dim=1, keepdim=True)
+    ordered = values.masked_fill(~present, math.inf).sort(dim=1).values
+    middle = ordered.gather(1, ((count - 1) // 2).clamp_min(0))
+    return torch.where(count > 0, middle, torch.zeros_like(middle)).view(-1, 1, 1, 1)
 
 
 # ---- building blocks --------------------------------------------------------------------------

@@ -12,14 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
 
-from models.base import AnomalyModel
-from models.bundle import Manifest, load_bundle
 from models.calibration import Calibration
+from models.manifest import Manifest, read_manifest
+from models.network import Network, TorchNetwork, load_network
 from models.postprocess import (
     PostProcessResult,
     SuppressionSettings,
@@ -30,6 +29,9 @@ from models.postprocess import (
 )
 from models.preprocessing import DEFAULT_MAX_PIXELS, decode_image, valid_area
 from models.tiling import Box, pad_to_tile, plan_tiles, stitch, valid_fraction
+
+if TYPE_CHECKING:
+    from models.base import AnomalyModel
 
 ImageSource = np.ndarray | bytes | str | Path
 
@@ -102,19 +104,48 @@ def _score_window(analysis: Analysis) -> tuple[int, int, int, int] | None:
 
 
 class Detector:
-    """A loaded model with its calibration and pipeline settings."""
+    """A model's network with its calibration and pipeline settings.
 
-    def __init__(self, model: AnomalyModel, manifest: Manifest, batch_size: int | None = None):
-        self.model = model.eval()
+    ``network`` is what runs the model (:mod:`models.network`): an ``AnomalyModel`` is run by
+    PyTorch; an exported folder's network by ONNX Runtime or OpenVINO. Everything around it
+    (tiling, valid area, calibration, post-processing) is this one Python pipeline.
+    """
+
+    def __init__(
+        self,
+        network: Network | AnomalyModel,
+        manifest: Manifest,
+        batch_size: int | None = None,
+    ):
+        if hasattr(network, "run"):
+            self.network: Network = cast(Network, network)
+        else:
+            self.network = TorchNetwork(cast("AnomalyModel", network))
         self.manifest = manifest
         self.pipeline = manifest.pipeline
         self.batch_size = batch_size or manifest.pipeline.batch_size
         self.suppression = SuppressionSettings.model_validate(manifest.suppression)
 
     @classmethod
-    def from_bundle(cls, directory: Path | str, batch_size: int | None = None) -> Detector:
-        model, manifest = load_bundle(directory)
-        return cls(model, manifest, batch_size)
+    def from_bundle(
+        cls,
+        directory: Path | str,
+        batch_size: int | None = None,
+        backend: str = "auto",
+        threads: int | None = None,
+    ) -> Detector:
+        """The model folder at ``directory`` (a bundle or an exported model) on ``backend``."""
+        manifest = read_manifest(directory)
+        return cls(load_network(directory, manifest, backend, threads), manifest, batch_size)
+
+    @property
+    def backend(self) -> str:
+        return self.network.backend
+
+    @property
+    def model(self) -> AnomalyModel | None:
+        """The PyTorch model when PyTorch runs it (report pictures need it); else None."""
+        return self.network.model if isinstance(self.network, TorchNetwork) else None
 
     @property
     def calibration(self) -> Calibration:
@@ -142,13 +173,13 @@ class Detector:
             masks = np.stack([padded_valid[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
         maps: list[np.ndarray] = []
         scores: list[float] = []
-        with _timed(timings, "model"), torch.inference_mode():
+        with _timed(timings, "model"):
             for start in range(0, len(boxes), self.batch_size):
-                batch = torch.from_numpy(pixels[start : start + self.batch_size]).float() / 255.0
-                batch_valid = torch.from_numpy(masks[start : start + self.batch_size])
-                output = self.model.predict(batch[:, None], batch_valid[:, None])
-                maps.extend(output.anomaly_map.float().numpy())
-                scores.extend(float(s) for s in output.score)
+                batch = pixels[start : start + self.batch_size, None].astype(np.float32) / 255.0
+                batch_valid = masks[start : start + self.batch_size, None]
+                batch_maps, batch_scores = self.network.run(batch, batch_valid)
+                maps.extend(batch_maps)
+                scores.extend(float(s) for s in batch_scores)
         with _timed(timings, "stitch"):
             full = stitch(maps, boxes, *padded.shape)[: image.shape[0], : image.shape[1]]
             fractions = [valid_fraction(padded_valid, box) for box in boxes]

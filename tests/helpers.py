@@ -25,7 +25,7 @@ from bench.hostile import Hostile, build_corpus
 from loomwatch.cli import main
 from models.base import FitContext
 from models.patchcore import PatchCore, PatchCoreConfig
-from models.tiling import TileDataset
+from models.tile_dataset import TileDataset
 from tracking.store import use_tracking_store
 
 # --- synthetic fabric -------------------------------------------------------------------------

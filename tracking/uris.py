@@ -27,7 +27,7 @@ from typing import Literal
 
 import yaml
 
-from models.bundle import MANIFEST, BundleError, read_manifest
+from models.manifest import MANIFEST, BundleError, read_manifest
 from tracking.store import (
     ModelUriError,
     TrackingError,

@@ -174,8 +174,8 @@ def _keep_sample_tile(
 def model_figures(detector: Detector, result: EvaluationResult) -> list[tuple[str, bytes]]:
     """The figures the model offers on the sample tiles (``AnomalyModel.report_panels``: for
     the VAE and DRAEM, input | reconstruction | map), as (caption, PNG) pairs."""
-    if not result.sample_tiles:
-        return []
+    if not result.sample_tiles or detector.model is None:
+        return []  # an exported network offers no pictures of its insides
     tiles = torch.from_numpy(np.stack([t for _, t, _ in result.sample_tiles])).float()[:, None]
     valid = torch.from_numpy(np.stack([v for _, _, v in result.sample_tiles]))[:, None]
     with torch.inference_mode():

@@ -27,7 +27,8 @@ from models.calibration import Calibration
 from models.pipeline import Detector
 from models.preprocessing import valid_area
 from models.registry import model_class
-from models.tiling import TileDataset, pad_to_tile, plan_tiles
+from models.tile_dataset import TileDataset
+from models.tiling import pad_to_tile, plan_tiles
 from training.calibrate import check_clean_images, fit_calibration, fit_regions
 from training.config import TrainConfig
 from training.data import (

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.tiling import Box, TileDataset, axis_starts, pad_to_tile, plan_tiles, stitch
+from models.tile_dataset import TileDataset
+from models.tiling import Box, axis_starts, pad_to_tile, plan_tiles, stitch
 
 
 def test_last_tile_is_aligned_to_the_edge() -> None:

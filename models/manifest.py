@@ -1,0 +1,127 @@
+"""The manifest every model folder carries, readable without PyTorch.
+
+A PyTorch bundle (:mod:`models.bundle`) and an exported model folder (:mod:`models.export`)
+share it: format version, model type, full config, pipeline settings, calibration, suppression
+settings, training-data fingerprint, metrics and library versions. An exported folder adds
+``export``: which runtime format, which precision, which network file and which source bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.calibration import Calibration
+from models.preprocessing import ValidAreaSettings
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(RuntimeError):
+    """A bundle could not be written or read; the message names the file and the reason."""
+
+
+class PipelineConfig(BaseModel):
+    """How images are cut, scored and post-processed around the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tile_size: int = Field(default=256, ge=32)
+    stride: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    train_min_valid_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+    valid_area: ValidAreaSettings = Field(default_factory=ValidAreaSettings)
+
+
+# Bumped whenever the Python pipeline around a network (inputs, outputs, what the graph holds)
+# changes: an exported network made for another pipeline version is refused, not run.
+PIPELINE_VERSION = 1
+
+
+class ExportInfo(BaseModel):
+    """What an exported model folder holds instead of PyTorch weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["onnx", "openvino"]
+    precision: Literal["fp32", "int8"]
+    files: dict[str, str] = Field(description="network file name -> sha256 of its bytes")
+    network: str = Field(description="the file a runtime opens (model.onnx, model.xml)")
+    pipeline_version: int
+    source_uri: str
+    source_digest: str = Field(description="sha256 of the source bundle's weights")
+    opset: int | None = None
+    calibration_images: int | None = Field(default=None, description="int8: images used")
+    calibration_tiles: int | None = Field(default=None, description="int8: tiles used")
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format_version: int = FORMAT_VERSION
+    model_type: str
+    config: dict[str, Any]
+    pipeline: PipelineConfig
+    calibration: Calibration
+    suppression: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    export: ExportInfo | None = None
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def read_manifest(directory: Path | str) -> Manifest:
+    path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise BundleError(f"{directory}: not a bundle folder (no such directory)")
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing; this folder is not a Loomwatch bundle") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: format version {version!r} is not supported ({FORMAT_VERSION})")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise BundleError(f"{path}: invalid field '{where}': {first['msg']}") from None
+
+
+def model_files(directory: Path | str, manifest: Manifest) -> list[str]:
+    """The files that make the model, besides the manifest: weights, or the exported network."""
+    if manifest.export is None:
+        return ["weights.safetensors"]
+    return sorted(manifest.export.files)
+
+
+def folder_digest(directory: Path | str) -> str:
+    """``sha256:`` and 12 hex digits over the manifest and the model's files, in that order."""
+    folder = Path(directory)
+    sha = hashlib.sha256()
+    for name in (MANIFEST, *model_files(folder, read_manifest(folder))):
+        with open(folder / name, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                sha.update(block)
+    return "sha256:" + sha.hexdigest()[:12]
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
