@@ -72,7 +72,8 @@ def load_model(settings: Settings) -> LoadedModel:
     started = time.perf_counter()
     try:
         folder = resolve_model_uri(uri)
-        detector = Detector.from_bundle(folder)
+        threads = settings.inference_threads or None
+        detector = Detector.from_bundle(folder, backend=settings.backend, threads=threads)
         digest = bundle_digest(folder)
         defaults = detector.suppression.model_dump() | settings.suppression_overrides()
         suppression = SuppressionSettings.model_validate(defaults)

@@ -48,7 +48,12 @@ def _ignore_signal(signum: int, frame: FrameType | None) -> None:
     log.info("stopped by signal %d", signum)
 
 
-def run(model_uri: str | None = None, host: str | None = None, port: int | None = None) -> int:
+def run(
+    model_uri: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    backend: str | None = None,
+) -> int:
     """Serve until interrupted; arguments override the settings (environment, .env).
 
     Returns the exit status: 0 after a normal shutdown (SIGTERM included: requests in flight
@@ -56,7 +61,7 @@ def run(model_uri: str | None = None, host: str | None = None, port: int | None 
     (no model, a bad setting, a port already taken: all before the model is loaded).
     """
     try:
-        settings = settings_with(model_uri, host, port)
+        settings = settings_with(model_uri, host, port, backend)
     except ValidationError as exc:
         print(f"loomwatch: error: {setting_error(exc)}", file=sys.stderr)
         return EXIT_STARTUP_FAILED

@@ -7,7 +7,7 @@ working directory; README "Serving" lists them with their defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,6 +24,11 @@ class Settings(BaseSettings):
         default=None,
         description="bundle folder or MLflow URI (models:/NAME@ALIAS, models:/NAME/VERSION, "
         "runs:/RUN_ID/PATH); required",
+    )
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        default="auto",
+        description="what runs the network: auto (torch for a bundle, the export's runtime for "
+        "an exported model), torch, onnxruntime or openvino",
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

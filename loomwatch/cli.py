@@ -44,6 +44,7 @@ BUILTIN_USER_ERRORS = (CliError, FileNotFoundError, NotADirectoryError, Permissi
 USER_ERRORS = {
     "models.manifest": ("BundleError",),
     "models.network": ("BackendError",),
+    "models.export": ("ExportError",),
     "models.patchcore": ("WeightsError",),
     "models.preprocessing": ("ImageDecodeError",),
     "models.registry": ("UnknownModelError",),
@@ -123,12 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("test", "all"), default="test")
     evaluate.add_argument("--json", type=Path, dest="json_path")
     evaluate.add_argument("--report", type=Path, dest="report_dir")
+    _backend_option(evaluate)
 
     predict = commands.add_parser("predict", help="score images; write overlays and JSON")
     predict.add_argument("--model-uri", required=True)
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument("--out", type=Path, default=Path("predictions"))
     predict.add_argument("--threshold", type=float, help="normalised image threshold (0.5)")
+    _backend_option(predict)
+
+    export = commands.add_parser(
+        "export",
+        help="export a model's network for ONNX Runtime or OpenVINO (fp32 or int8)",
+        description="Write an exported model folder (manifest + network file) that predict, "
+        "evaluate and serve accept as a model URI like any bundle.",
+    )
+    export.add_argument("--model-uri", required=True, help="the PyTorch bundle to export")
+    export.add_argument("--format", required=True, dest="export_format", metavar="{onnx,openvino}")
+    export.add_argument("--out", type=Path, required=True, help="the exported folder to write")
+    export.add_argument("--int8", action="store_true", help="static int8 quantisation")
+    export.add_argument(
+        "--calibration-data", type=Path, help="folder whose defect-free images calibrate int8"
+    )
+    export.add_argument("--fabric", help="fabric of the calibration data (default: the model's)")
+    export.add_argument(
+        "--calibration-tiles",
+        type=_positive_int,
+        default=256,
+        help="at most this many defect-free tiles calibrate int8 (default 256)",
+    )
 
     promote = commands.add_parser(
         "promote",
@@ -163,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-uri", help="bundle folder or MLflow URI (default: $MODEL_URI)")
     serve.add_argument("--host", help="interface to listen on (default: $HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: $PORT or 8000)")
+    serve.add_argument(
+        "--backend", help="runtime of the network: auto, torch, onnxruntime, openvino ($BACKEND)"
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -179,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- commands -------------------------------------------------------------------------------
+
+
+def _backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        metavar="{auto,torch,onnxruntime,openvino}",
+        help="what runs the network (auto: torch for a bundle, the export's runtime for an "
+        "exported model)",
+    )
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -311,7 +348,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import analyse_samples, evaluation_summary, run_evaluation, write_outputs
 
     bundle = resolve_model_uri(args.model_uri)
-    detector = Detector.from_bundle(bundle)
+    detector = Detector.from_bundle(bundle, backend=args.backend)
     training = detector.manifest.training
     fabric = args.fabric if args.fabric is not None else training.get("fabric")
     dataset = load_dataset(args.data, fabric=fabric if args.split == "test" else args.fabric)
@@ -365,7 +402,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tracking.uris import resolve_model_uri
 
     bundle = resolve_model_uri(args.model_uri)
-    detector = Detector.from_bundle(bundle)
+    detector = Detector.from_bundle(bundle, backend=args.backend)
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in args.images:
@@ -398,7 +435,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(problem)
     from app.server import run
 
-    return run(model_uri=args.model_uri, host=args.host, port=args.port)
+    return run(model_uri=args.model_uri, host=args.host, port=args.port, backend=args.backend)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.export import FORMATS, check_export_request, export_bundle, exported_size
+    from models.manifest import read_manifest
+    from tracking.uris import resolve_model_uri
+
+    if args.export_format not in FORMATS:
+        raise CliError(
+            f"unknown --format {args.export_format!r}: choose one of {', '.join(FORMATS)}"
+        )
+    if args.int8 and args.calibration_data is None:
+        raise CliError("--int8 needs --calibration-data DIR (defect-free images of the fabric)")
+    check_export_request(args.export_format, False, None)  # runtimes, before any work
+    bundle = resolve_model_uri(args.model_uri)
+    calibration, images = None, None
+    if args.int8:
+        from training.export import calibration_tiles
+
+        tiles, valid, images = calibration_tiles(
+            args.calibration_data,
+            read_manifest(bundle),
+            fabric=args.fabric,
+            limit=args.calibration_tiles,
+            progress=not args.quiet,
+        )
+        calibration = (tiles, valid)
+    say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
+    out = export_bundle(
+        bundle,
+        args.out,
+        args.export_format,
+        source_uri=args.model_uri,
+        int8=args.int8,
+        calibration=calibration,
+        calibration_images=images,
+        say=say,
+    )
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in exported_size(out).items())
+    precision = "int8" if args.int8 else "fp32"
+    print(f"exported {args.model_uri} as {args.export_format} {precision} to {out} ({sizes})")
+    print(f"model URI: {out}")
+    return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -476,6 +556,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "promote": cmd_promote,
+    "export": cmd_export,
     "serve": cmd_serve,
     "demo": cmd_demo,
 }

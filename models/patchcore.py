@@ -20,10 +20,10 @@ Read top to bottom: the backbone, the patch features, the memory bank and its co
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +114,12 @@ class FeatureExtractor(nn.Module):
         parts = [getattr(network, name) for name in ("conv1", "bn1", "relu", "maxpool")]
         self.stem = nn.Sequential(*parts)
         self.body = nn.ModuleDict({n: getattr(network, n) for n in LAYER_ORDER[: deepest + 1]})
+        # The width of each returned map: the last batch norm of a ResNet layer has it.
+        self.channels = tuple(
+            [m for m in self.body[n].modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+            for n in self.body
+            if n in layers
+        )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.mean: torch.Tensor
@@ -142,7 +148,6 @@ def standardise_tiles(grey: torch.Tensor, valid: torch.Tensor | None) -> torch.T
     return (grey - mean) / (spread.sqrt() + 1e-3)
 
 
-@functools.lru_cache(maxsize=16)
 def pooling_matrix(in_dim: int, out_dim: int) -> torch.Tensor:
     """[in_dim, out_dim] matrix equal to adaptive average pooling over the last dimension."""
     matrix = torch.zeros(in_dim, out_dim)
@@ -152,7 +157,6 @@ def pooling_matrix(in_dim: int, out_dim: int) -> torch.Tensor:
     return matrix
 
 
-@functools.lru_cache(maxsize=16)
 def projection_matrices(
     channels: tuple[int, ...], layer_dim: int, embed_dim: int
 ) -> tuple[torch.Tensor, ...]:
@@ -167,10 +171,10 @@ def projection_matrices(
     return tuple(pooling_matrix(c, layer_dim) @ block for c, block in pairs)
 
 
-def patch_embedding(maps: list[torch.Tensor], layer_dim: int, embed_dim: int) -> torch.Tensor:
-    """Layer maps -> [B, embed_dim, h, w] locally aware patch features."""
+def patch_embedding(maps: list[torch.Tensor], matrices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Layer maps -> [B, embed_dim, h, w] locally aware patch features, with the layers'
+    ``projection_matrices``."""
     height, width = maps[0].shape[-2:]
-    matrices = projection_matrices(tuple(m.shape[1] for m in maps), layer_dim, embed_dim)
     embedded: torch.Tensor | None = None
     for feature, matrix in zip(maps, matrices, strict=True):
         feature = F.avg_pool2d(feature, kernel_size=3, stride=1, padding=1)
@@ -182,6 +186,20 @@ def patch_embedding(maps: list[torch.Tensor], layer_dim: int, embed_dim: int) ->
         embedded = part if embedded is None else embedded + part
     assert embedded is not None
     return embedded.contiguous()
+
+
+class PatchEmbedding(nn.Module):
+    """:func:`patch_embedding` with its matrices built once, as buffers outside the state dict
+    (they follow from the config). Built on first use instead, under the tracing of an export,
+    they would be made of the tracer's fake tensors, and a cache would keep those."""
+
+    def __init__(self, channels: tuple[int, ...], layer_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        for index, matrix in enumerate(projection_matrices(channels, layer_dim, embed_dim)):
+            self.register_buffer(f"layer{index}", matrix, persistent=False)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return patch_embedding(maps, list(self.buffers()))
 
 
 def greedy_coreset(
@@ -255,14 +273,15 @@ class PatchCore(AnomalyModel):
             network = getattr(torchvision.models, config.backbone)(weights=None)
         self.extractor = FeatureExtractor(network, config.layers, config.input_norm).eval()
         self.extractor.to(memory_format=torch.channels_last)
+        self.embedding = PatchEmbedding(self.extractor.channels, config.layer_dim, config.embed_dim)
         self.register_buffer("memory_bank", torch.zeros(0, config.embed_dim))
         self.memory_bank: torch.Tensor
 
     # ---- features -------------------------------------------------------------------------
     @torch.inference_mode()
     def embed(self, tiles: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        maps = self.extractor(tiles, valid)
-        return patch_embedding(maps, self.config.layer_dim, self.config.embed_dim)
+        embedded: torch.Tensor = self.embedding(self.extractor(tiles, valid))
+        return embedded
 
     @staticmethod
     def patch_validity(valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -342,17 +361,22 @@ class PatchCore(AnomalyModel):
         return summary
 
     # ---- scoring --------------------------------------------------------------------------
-    def _reweight(self, top: torch.Tensor, top_score: torch.Tensor, nearest: int) -> torch.Tensor:
-        """Paper eq. 7: scale the top patch score by how isolated its nearest bank entry is."""
+    def _reweight(
+        self, top: torch.Tensor, top_score: torch.Tensor, nearest: torch.Tensor
+    ) -> torch.Tensor:
+        """Paper eq. 7, per tile: scale the top patch score [B] by how isolated its nearest bank
+        entry is. ``top`` [B, dim] is the top patch's feature, ``nearest`` [B] its bank entry."""
         neighbours = min(self.config.num_neighbors, self.memory_bank.shape[0])
         if neighbours <= 1:
             return top_score
-        anchor = self.memory_bank[nearest][None]
-        distances = torch.cdist(anchor, self.memory_bank)[0]
-        support = self.memory_bank[distances.topk(neighbours, largest=False).indices]
-        to_support = torch.cdist(top[None], support)[0]
+        anchor = self.memory_bank[nearest]
+        # cdist's matrix-product form is the one that exports to ONNX (its direct form has no
+        # ONNX function); it is also what cdist picks by itself for any bank of over 25 rows.
+        to_anchor = torch.cdist(anchor, self.memory_bank, compute_mode="use_mm_for_euclid_dist")
+        support = self.memory_bank[to_anchor.topk(neighbours, dim=1, largest=False).indices]
+        to_support = torch.linalg.vector_norm(support - top[:, None], dim=-1)
         # 1 - exp(d*) / sum exp(d_i), written relative to d* (the smallest) to avoid overflow.
-        weight = 1.0 - 1.0 / torch.exp(to_support - top_score).sum()
+        weight = 1.0 - 1.0 / torch.exp(to_support - top_score[:, None]).sum(dim=1)
         return weight * top_score
 
     @torch.inference_mode()
@@ -364,16 +388,15 @@ class PatchCore(AnomalyModel):
         flat = features.permute(0, 2, 3, 1).reshape(-1, dim)
         distances, nearest = nearest_distances(flat, self.memory_bank, self.config.chunk_size)
         patch_scores = distances.reshape(batch, height, width)
-        nearest = nearest.reshape(batch, height * width)
+        # The image score comes from each tile's highest patch on fabric (-1 marks none).
         patch_valid = self.patch_validity(valid, (height, width)).reshape(batch, -1)
-        scores = torch.zeros(batch)
-        for item in range(batch):
-            candidates = patch_scores[item].reshape(-1).masked_fill(~patch_valid[item], -1.0)
-            position = int(candidates.argmax())
-            if candidates[position] < 0:
-                continue  # no patch on fabric: nothing to score
-            top = features[item].reshape(dim, -1)[:, position]
-            scores[item] = self._reweight(top, candidates[position], int(nearest[item, position]))
+        candidates = patch_scores.reshape(batch, -1).masked_fill(~patch_valid, -1.0)
+        position = candidates.argmax(dim=1, keepdim=True)
+        top_score = candidates.gather(1, position)[:, 0]
+        top = features.reshape(batch, dim, -1).gather(2, position[:, None].expand(-1, dim, 1))
+        top_nearest = nearest.reshape(batch, -1).gather(1, position)[:, 0]
+        scores = self._reweight(top[..., 0], top_score, top_nearest)
+        scores = torch.where(top_score >= 0, scores, torch.zeros_like(scores))
         maps = F.interpolate(
             patch_scores[:, None], size=tiles.shape[-2:], mode="bilinear", align_corners=False
         )

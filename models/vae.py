@@ -46,6 +46,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -268,14 +269,21 @@ class VAE(Reconstructor):
 
 
 def image_scores(maps: torch.Tensor, valid: torch.Tensor, mode: str, topk: int) -> torch.Tensor:
-    """[B,H,W] maps -> [B] scores from fabric pixels only; 0 for a tile without fabric."""
-    scores = torch.zeros(maps.shape[0], dtype=maps.dtype)
-    for item in range(maps.shape[0]):
-        values = maps[item][valid[item]]
-        if values.numel() == 0:
-            continue
-        if mode == "max":
-            scores[item] = values.max()
-        else:
-            scores[item] = values.topk(min(topk, values.numel())).values.mean()
-    return scores
+    """[B,H,W] maps -> [B] scores from fabric pixels only; 0 for a tile without fabric.
+
+    Written without a loop over tiles or a data-dependent size, so that it exports to ONNX:
+    pixels off fabric are -inf, and a tile with fewer than ``topk`` fabric pixels averages only
+    those it has.
+    """
+    on_fabric = valid.flatten(1)
+    count = on_fabric.sum(dim=1)
+    values = maps.flatten(1).masked_fill(~on_fabric, -math.inf)
+    if mode == "max":
+        scores = values.max(dim=1).values
+    else:
+        k = min(topk, values.shape[1])
+        largest = values.topk(k, dim=1).values
+        taken = torch.arange(k, device=maps.device) < count[:, None]
+        total = largest.masked_fill(~taken, 0.0).sum(dim=1)
+        scores = total / count.clamp(1, k).to(maps.dtype)
+    return torch.where(count > 0, scores, torch.zeros_like(scores))

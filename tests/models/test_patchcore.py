@@ -76,14 +76,14 @@ def test_local_weights_file_is_loaded_without_pickle(tmp_path: pytest.TempPathFa
 def test_folded_projection_equals_pooling_twice() -> None:
     import torch.nn.functional as F
 
-    from models.patchcore import patch_embedding
+    from models.patchcore import patch_embedding, projection_matrices
 
     generator = torch.Generator().manual_seed(0)
     maps = [
         torch.randn(2, 12, 8, 8, generator=generator),
         torch.randn(2, 20, 4, 4, generator=generator),
     ]
-    folded = patch_embedding(maps, layer_dim=16, embed_dim=10)
+    folded = patch_embedding(maps, projection_matrices((12, 20), layer_dim=16, embed_dim=10))
     pooled = []  # the definition: pool each layer's channels, concatenate, pool again
     for feature in maps:
         feature = F.avg_pool2d(feature, 3, 1, 1)
