@@ -131,7 +131,8 @@ def test_patchcore_scores_equal_the_per_tile_definition(patchcore: PatchCore) ->
     tiles, valid = fabric_tiles()
     scores = patchcore.predict(tiles, valid).score
     expected = reference_patchcore_scores(patchcore, tiles, valid)
-    assert (scores - expected).abs().max() < 1e-6, (scores, expected)
+    # equal on fabric; a defect's score of about 90 may differ in its last bit (7.6e-6)
+    assert ((scores - expected).abs() <= 1e-6 * expected.abs().clamp_min(1.0)).all()
     assert scores[3] == 0.0 and scores[5] == 0.0 and scores[4] > 0.0
     assert scores[1] > scores[0]
 
@@ -150,10 +151,13 @@ class Graph(torch.nn.Module):
 
 
 def assert_onnx_matches_torch(model: AnomalyModel, path: Path) -> None:
-    """Export with a batch of 3, run ONNX Runtime on batches of 6 and 1."""
+    """Export with a batch of 3, run ONNX Runtime on batches of 5 and 1.
+
+    Not on the tile with 9 fabric pixels: normalised, it is nearly constant, and GroupNorm then
+    amplifies rounding so much that PyTorch itself differs by 4e-4 between batch sizes."""
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
-    tiles, valid = fabric_tiles()
+    tiles, valid = (part[:5] for part in fabric_tiles())
     batch = torch.export.Dim("batch", max=1024)
     torch.onnx.export(
         Graph(model).eval(),
@@ -168,7 +172,7 @@ def assert_onnx_matches_torch(model: AnomalyModel, path: Path) -> None:
     )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     expected = model.predict(tiles, valid)
-    for part in (slice(0, 6), slice(4, 5)):
+    for part in (slice(0, 5), slice(4, 5)):
         feeds = {"tiles": tiles[part].numpy(), "valid": valid[part].float().numpy()}
         maps, scores = session.run(None, feeds)
         # 1e-4 absolute; relative 1e-6 beyond it for a strongly anomalous tile's larger values
