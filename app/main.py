@@ -11,7 +11,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
@@ -43,8 +42,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     app.state.not_ready_reason = "loading the model"
-    if settings.inference_threads:
-        torch.set_num_threads(settings.inference_threads)
     try:
         model = await run_in_threadpool(load_model, settings)
     except StartupError as exc:

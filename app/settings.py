@@ -34,7 +34,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
 
     inference_threads: int = Field(
-        default=0, ge=0, description="torch threads for inference; 0 leaves torch's default"
+        default=0,
+        ge=0,
+        description="threads of the network's runtime (torch, ONNX Runtime, OpenVINO); 0 leaves "
+        "the runtime's default",
     )
     inference_workers: int = Field(default=1, ge=1, description="images scored at the same time")
     max_queue_depth: int = Field(

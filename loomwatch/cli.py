@@ -56,6 +56,32 @@ USER_ERRORS = {
 }
 
 
+# What to install when a package is missing (pyproject.toml's extras; the core serves exported
+# models). A command that always needs more than the core names its own extra; predict and serve
+# need one only for some models (a PyTorch bundle, an MLflow URI): the missing package decides.
+COMMAND_EXTRAS = {"train": "train", "evaluate": "train", "promote": "train", "demo": "train",
+                  "export": "export"}  # fmt: skip
+PACKAGE_EXTRAS = {
+    "torch": "torch", "torchvision": "torch", "safetensors": "torch",
+    "mlflow": "tracking", "pandas": "tracking", "sklearn": "train", "matplotlib": "train",
+    "onnx": "export", "onnxscript": "export", "nncf": "export",
+    "onnxruntime": "onnxruntime", "openvino": "openvino",
+}  # fmt: skip
+
+
+def missing_extra(command: str, exc: ImportError) -> str | None:
+    """One line naming the extra to install when `exc` is an optional package not installed;
+    None for any other import failure (a bug, or a broken installation: shown as such)."""
+    package = (exc.name or "").split(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or package not in PACKAGE_EXTRAS:
+        return None
+    extra = COMMAND_EXTRAS.get(command, PACKAGE_EXTRAS[package])
+    return (
+        f"loomwatch {command} needs {package}, which is not installed: "
+        f"pip install 'loomwatch[{extra}]'"
+    )
+
+
 def is_user_error(exc: BaseException) -> bool:
     """A mistake of the user's (one line, exit 2), not a bug (internal error, exit 1)."""
     if isinstance(exc, BUILTIN_USER_ERRORS):
@@ -153,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="at most this many defect-free tiles calibrate int8 (default 256)",
     )
+    export.add_argument(
+        "--register",
+        metavar="NAME",
+        help="log the exported model to MLflow (a run of its own) and register it as a new "
+        "version of NAME",
+    )
+    export.add_argument("--alias", metavar="A", help="point alias A of NAME at the new version")
 
     promote = commands.add_parser(
         "promote",
@@ -450,6 +483,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.int8 and args.calibration_data is None:
         raise CliError("--int8 needs --calibration-data DIR (defect-free images of the fabric)")
     check_export_request(args.export_format, False, None)  # runtimes, before any work
+    _check_registration(args.register, args.alias)
     bundle = resolve_model_uri(args.model_uri)
     calibration, images = None, None
     if args.int8:
@@ -477,7 +511,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in exported_size(out).items())
     precision = "int8" if args.int8 else "fp32"
     print(f"exported {args.model_uri} as {args.export_format} {precision} to {out} ({sizes})")
-    print(f"model URI: {out}")
+    if not args.register:
+        print(f"model URI: {out}")
+        return 0
+    from training.runs import log_export
+
+    run = log_export(out, args.model_uri, args.register, args.alias, progress=not args.quiet)
+    print(f"MLflow run: {run.run_id} (store {run.store})")
+    print(f"model URI: {run.model_uri}")
+    if args.alias:
+        print(f"alias: models:/{args.register}@{args.alias}")
     return 0
 
 
@@ -578,6 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
+        missing = missing_extra(args.command, exc) if isinstance(exc, ImportError) else None
+        if missing:
+            print(f"loomwatch: error: {missing}", file=sys.stderr)
+            return EXIT_USAGE
         if is_user_error(exc):
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"loomwatch: error: {message}", file=sys.stderr)

@@ -44,7 +44,11 @@ class TorchNetwork:
 
     backend = "torch"
 
-    def __init__(self, model: AnomalyModel) -> None:
+    def __init__(self, model: AnomalyModel, threads: int | None = None) -> None:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
         self.model = model.eval()
 
     def run(self, tiles: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,13 +120,13 @@ def _first_line(exc: BaseException) -> str:
 def require_runtime(backend: str) -> None:
     """BackendError naming the package to install when ``backend``'s runtime is missing."""
     package = PACKAGES[backend]
-    if importlib.util.find_spec(package) is None:
-        extra = (
-            ""
-            if backend == "torch"
-            else " (or the 'export' extra: pip install 'loomwatch[export]')"
-        )
-        raise BackendError(f"the {backend} backend needs {package}: pip install {package}{extra}")
+    if importlib.util.find_spec(package) is not None:
+        return
+    if backend == "torch":  # torch alone is not enough: safetensors, torchvision for PatchCore
+        how = "pip install 'loomwatch[torch]' (README \"Install\": the CPU-only build)"
+    else:
+        how = f"pip install {package} (the '{backend}' extra: pip install 'loomwatch[{backend}]')"
+    raise BackendError(f"the {backend} backend needs {package}, which is not installed: {how}")
 
 
 def choose_backend(manifest: Manifest, backend: str, where: str) -> str:
@@ -157,7 +161,7 @@ def load_network(
         from models.bundle import load_bundle
 
         model, _ = load_bundle(folder)
-        return TorchNetwork(model)
+        return TorchNetwork(model, threads)
     export = manifest.export
     if export.pipeline_version != PIPELINE_VERSION:
         raise BundleError(

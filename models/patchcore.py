@@ -25,11 +25,11 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader
@@ -71,8 +71,16 @@ class WeightsError(RuntimeError):
     """Pretrained weights were asked for and could not be loaded."""
 
 
+def backbones() -> ModuleType:
+    """torchvision's model zoo, imported only when a PatchCore is built: DRAEM and the VAE
+    (and everything else in models/) run with torch alone."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def build_backbone(config: PatchCoreConfig) -> nn.Module:
-    constructor = getattr(torchvision.models, config.backbone)
+    constructor = getattr(backbones(), config.backbone)
     network: nn.Module = constructor(weights=None)
     if config.weights_file:
         path = Path(config.weights_file)
@@ -82,7 +90,7 @@ def build_backbone(config: PatchCoreConfig) -> nn.Module:
             raise WeightsError(f"cannot load backbone weights from {path}: {exc}") from exc
         network.load_state_dict(state)
     elif config.pretrained:
-        enum = torchvision.models.get_model_weights(config.backbone)
+        enum = backbones().get_model_weights(config.backbone)
         try:
             network = constructor(weights=enum.DEFAULT)
         except Exception as exc:
@@ -270,7 +278,7 @@ class PatchCore(AnomalyModel):
         if load_weights:
             network = build_backbone(config)
         else:  # weights come from a bundle right after
-            network = getattr(torchvision.models, config.backbone)(weights=None)
+            network = getattr(backbones(), config.backbone)(weights=None)
         self.extractor = FeatureExtractor(network, config.layers, config.input_norm).eval()
         self.extractor.to(memory_format=torch.channels_last)
         self.embedding = PatchEmbedding(self.extractor.channels, config.layer_dim, config.embed_dim)

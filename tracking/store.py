@@ -12,6 +12,7 @@ can be caught (by the CLI, by the service) without importing it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -49,8 +50,18 @@ def tracking_uri() -> str:
     return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
 
 
+def require_mlflow() -> None:
+    """TrackingError naming the extra to install when MLflow is not (a slim serving install)."""
+    if importlib.util.find_spec("mlflow") is None:
+        raise TrackingError(
+            "MLflow is not installed (the tracking store and models:/, runs:/ URIs need it): "
+            "pip install 'loomwatch[tracking]'"
+        )
+
+
 def use_tracking_store(*, progress: bool = False) -> str:
     """Point MLflow at :func:`tracking_uri`, fail fast when a server is unreachable, return it."""
+    require_mlflow()
     import mlflow
 
     for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):

@@ -41,10 +41,11 @@ def test_help_and_the_port_check_import_neither_torch_nor_mlflow_nor_the_data_lo
     assert loaded_after(code) == []
 
 
-def test_serving_start_up_imports_no_data_loaders_pandas_or_mlflow() -> None:
-    # app.server brings the app, the model loader and model-URI resolution (tracking.uris)
+def test_serving_start_up_imports_no_torch_data_loaders_pandas_or_mlflow() -> None:
+    # app.server brings the app, the model loader and model-URI resolution (tracking.uris);
+    # torch comes only with a PyTorch bundle (tests/app/test_slim.py serves an exported one)
     loaded = loaded_after("import app.server, app.main, tracking.uris")
-    assert set(loaded) == {"torch", "fastapi"}
+    assert set(loaded) == {"fastapi"}
 
 
 def test_the_model_names_of_the_help_are_the_registry_s() -> None:
