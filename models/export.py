@@ -41,6 +41,7 @@ from models.manifest import (
     ExportInfo,
     file_sha256,
     folder_digest,
+    read_manifest,
 )
 from models.network import require_runtime
 
@@ -220,9 +221,9 @@ def export_bundle(
     """
     tiles, valid = calibration if calibration is not None else (None, None)
     check_export_request(fmt, int8, tiles)
-    model, manifest = load_bundle(source)
-    if manifest.export is not None:
+    if read_manifest(source).export is not None:
         raise ExportError(f"{source} is already an exported model: export its source bundle")
+    model, manifest = load_bundle(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
