@@ -79,7 +79,7 @@ def export_onnx(model: AnomalyModel, tile_size: int, path: Path) -> None:
     valid = torch.ones_like(tiles)
     valid[1, :, : tile_size // 4] = 0.0  # a tile partly off the fabric, so masking is traced
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript"):
+    with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript", "onnx_ir"):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             _Graph(model.eval()),
