@@ -20,7 +20,10 @@ from tracking.store import TrackingError, mlflow_message
 log = logging.getLogger(__name__)
 
 TAG = "loomwatch."  # prefix of our run and model-version tags
-VERSION_TAGS = ("model_type", "fabric", "data_fingerprint", "validation_fingerprint", "git_commit")
+VERSION_TAGS = (
+    "model_type", "fabric", "data_fingerprint", "validation_fingerprint", "git_commit",
+    "export.format", "export.precision", "export.source_uri",  # a version made by an export
+)  # fmt: skip
 
 
 def version_tags(run_tags: Mapping[str, str]) -> dict[str, str]:

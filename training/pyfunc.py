@@ -1,9 +1,15 @@
-"""The MLflow pyfunc face of a Loomwatch bundle.
+"""The MLflow pyfunc face of a Loomwatch model folder (a bundle or an exported model).
 
-A training run logs its bundle as an MLflow model whose ``python_function`` flavour is
-:class:`BundleModel` (logged "from code": MLflow runs ``training/mlflow_model.py``, which only
-builds this class, so no pickled object is stored). Any MLflow tool can then score images with
-no code beyond the installed ``loomwatch`` package::
+A training run (and ``loomwatch export --register``) logs its model folder as an MLflow model
+whose ``python_function`` flavour is :class:`BundleModel`, logged "from code": MLflow runs
+``training/mlflow_model.py``, which only builds this class, so no pickled object is stored.
+
+The logged model is self-contained: it carries the folder (artifact ``bundle``), the project's
+own code (``code/models`` and ``code/training``, sources only, through MLflow's ``code_paths``;
+MLflow puts ``code/`` first on ``sys.path`` when it loads the model) and requirements pinned to
+the versions that logged it (:func:`pip_requirements`: PyTorch only for a PyTorch bundle, ONNX
+Runtime or OpenVINO for an exported one). So a fresh environment with nothing but those
+requirements loads and serves it, without this repository or the ``loomwatch`` package::
 
     model = mlflow.pyfunc.load_model("models:/fabric-demo@champion")
     model.predict(pd.DataFrame({"image": [Path("strip.png").read_bytes()]}))
@@ -19,7 +25,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from importlib import metadata
+from importlib import import_module, metadata
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -28,6 +35,7 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+from models.manifest import Manifest
 from models.pipeline import Detector
 from models.preprocessing import ImageDecodeError
 
@@ -112,12 +120,57 @@ class BundleModel(PythonModel):
         return predict_frame(self.detector, model_input, None if threshold is None else threshold)
 
 
-def pip_requirements() -> list[str]:
-    """What the logged model needs: this package (which brings torch etc.) and MLflow."""
-    pins = []
-    for package in ("loomwatch", "mlflow", "torch", "torchvision", "pandas"):
-        try:
-            pins.append(f"{package}=={metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            pins.append(package)
-    return pins
+# What every logged model imports: MLflow and this pipeline (models.pipeline and what it reads).
+COMMON_REQUIREMENTS = ("mlflow", "pandas", "numpy", "pillow", "pydantic")
+# ... and what runs its network: a bundle's model (models.bundle -> models.registry), or a runtime.
+NETWORK_REQUIREMENTS = {
+    "torch": ("torch", "torchvision", "safetensors", "tqdm"),
+    "onnx": ("onnxruntime",),
+    "openvino": ("openvino",),
+}
+OPENCV = "cv2"  # several distributions provide it: the one installed is pinned
+CODE_PACKAGES = ("models", "training")  # the project's code the model carries
+
+
+def pip_requirements(manifest: Manifest) -> list[str]:
+    """What a fresh environment needs to load the model of ``manifest``, pinned to the versions
+    installed here (local version labels such as ``+cu130`` dropped: they are not on PyPI).
+
+    Not ``loomwatch`` itself: its code travels in the model (:func:`code_paths`)."""
+    return requirements_for("torch" if manifest.export is None else manifest.export.format)
+
+
+def requirements_for(kind: str) -> list[str]:
+    """The pinned requirements of a model whose network is ``kind`` (torch, onnx, openvino)."""
+    packages = [*COMMON_REQUIREMENTS, _distribution(OPENCV, "opencv-python-headless")]
+    return [_pinned(package) for package in [*packages, *NETWORK_REQUIREMENTS[kind]]]
+
+
+def _distribution(module: str, default: str) -> str:
+    names = metadata.packages_distributions().get(module) or [default]
+    return names[0]
+
+
+def _pinned(package: str) -> str:
+    try:
+        version = metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return package
+    return f"{package}=={version.partition('+')[0]}"
+
+
+def code_paths(staging: Path) -> list[str]:
+    """Copies of the project's packages the model imports (``.py`` files only) in ``staging``,
+    for ``log_model(code_paths=...)``: MLflow copies each into the model's ``code/`` folder."""
+    folders = []
+    for name in CODE_PACKAGES:
+        source = Path(import_module(name).__file__ or "").parent
+        target = staging / name
+        for path in sorted(source.rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            copy = target / path.relative_to(source)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(path.read_bytes())
+        folders.append(str(target))
+    return folders

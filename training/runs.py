@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
 from models.base import EpochLog
+from models.manifest import Manifest, read_manifest
 from models.overlay import encode_png
 from tracking.registry import TAG, register_version, version_tags
 from tracking.store import (
@@ -40,6 +41,7 @@ from tracking.store import (
     mlflow_message,
     use_tracking_store,
 )
+from tracking.uris import parse_model_uri, pin_model_uri
 from training import pyfunc
 from training.config import TrainConfig
 from training.data import Dataset, Split, fingerprint, load_image
@@ -224,15 +226,23 @@ class TrainingRun:
             if config_file is not None:
                 (resolved / f"given-{config_file.name}").write_bytes(config_file.read_bytes())
             mlflow.log_artifacts(str(resolved), "config")
-        mlflow.log_artifacts(str(result.bundle), BUNDLE_IN_RUN)
-        self.model_info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN,
-            python_model=str(Path(pyfunc.__file__).with_name("mlflow_model.py")),
-            artifacts={pyfunc.BUNDLE_ARTIFACT: str(result.bundle)},
-            signature=pyfunc.SIGNATURE,
-            input_example=input_example(result.split, result.manifest.pipeline.tile_size),
-            pip_requirements=pyfunc.pip_requirements(),
-        )
+        example = input_example(result.split, result.manifest.pipeline.tile_size)
+        return self.log_model(result.bundle, result.manifest, example)
+
+    def log_model(self, folder: Path, manifest: Manifest, example: pd.DataFrame) -> ModelInfo:
+        """The model folder as plain artifacts (``bundle/``) and as the self-contained pyfunc
+        model ``model``: the folder, the project's code and pinned requirements."""
+        mlflow.log_artifacts(str(folder), BUNDLE_IN_RUN)
+        with tempfile.TemporaryDirectory(prefix="loomwatch-code-") as code:
+            self.model_info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=str(Path(pyfunc.__file__).with_name("mlflow_model.py")),
+                artifacts={pyfunc.BUNDLE_ARTIFACT: str(folder)},
+                code_paths=pyfunc.code_paths(Path(code)),
+                signature=pyfunc.SIGNATURE,
+                input_example=example,
+                pip_requirements=pyfunc.pip_requirements(manifest),
+            )
         return self.model_info
 
     def register(self, name: str, alias: str | None) -> ModelVersion:
@@ -278,6 +288,94 @@ def training_run(
             mlflow.end_run(RunStatus.to_string(status))
         except MlflowException as exc:
             log.warning("could not close MLflow run %s: %s", run.info.run_id, mlflow_message(exc))
+
+
+# ---- the run of an export ---------------------------------------------------------------------
+
+# Tags of the source run an export run keeps: what the network was trained on.
+SOURCE_TAGS = ("model_type", "fabric", "data", "data_fingerprint", "validation_fingerprint",
+               "data_layout")  # fmt: skip
+
+
+def source_run_id(uri: str) -> str | None:
+    """The MLflow run that logged the model at ``uri``; None for a local folder."""
+    parsed = parse_model_uri(uri)
+    if parsed.kind == "local":
+        return None
+    if parsed.kind == "run":
+        return parsed.run_id
+    client = mlflow.MlflowClient()
+    with mlflow_errors(uri):
+        if parsed.kind == "logged":
+            return str(client.get_logged_model(parsed.name).source_run_id or "") or None
+        pinned = parse_model_uri(pin_model_uri(uri))
+        return str(client.get_model_version(pinned.name, pinned.version).run_id or "") or None
+
+
+def export_run_tags(manifest: Manifest, source_uri: str) -> dict[str, str]:
+    """An export run's tags: what the source was trained on (the source run's tags when it is
+    an MLflow model, else the manifest's), this checkout and its libraries, and the export."""
+    export = manifest.export
+    if export is None:
+        raise TrackingError("not an exported model: export it first")
+    training = manifest.training
+    tags = run_tags(manifest.model_type, training.get("fabric"), Path(training.get("data", "")))
+    if "fingerprint" in training:
+        tags[f"{TAG}data_fingerprint"] = str(training["fingerprint"])
+    run_id = source_run_id(source_uri)
+    if run_id is not None:
+        with mlflow_errors(source_uri):
+            source = mlflow.MlflowClient().get_run(run_id).data.tags
+        kept = {f"{TAG}{key}" for key in SOURCE_TAGS}
+        tags.update({key: value for key, value in source.items() if key in kept})
+        tags[f"{TAG}export.source_run"] = run_id
+    tags[f"{TAG}export.format"] = export.format
+    tags[f"{TAG}export.precision"] = export.precision
+    tags[f"{TAG}export.source_uri"] = source_uri
+    return tags
+
+
+def fabric_example(tile_size: int, seed: int = 0) -> pd.DataFrame:
+    """A synthetic defect-free strip two tiles wide: the input example of an export run, which
+    has no data of its own."""
+    from training.synth.fabric import make_fabric, sample_fabric_params
+
+    rng = np.random.default_rng(seed)
+    strip = make_fabric(rng, sample_fabric_params(rng), tile_size, 2 * tile_size)
+    return pd.DataFrame({pyfunc.IMAGE_COLUMN: [encode_png(strip)]})
+
+
+def log_export(
+    folder: Path, source_uri: str, name: str | None, alias: str | None, *, progress: bool = False
+) -> TrainingRun:
+    """Log the exported model folder ``folder`` as a run of its own with the same pyfunc model
+    as a training run (its network run by the export's runtime), and register it as a new
+    version of ``name`` (alias ``alias``) when a name is given."""
+    manifest = read_manifest(folder)
+    use_tracking_store(progress=progress)
+    tags = export_run_tags(manifest, source_uri)
+    export = manifest.export
+    assert export is not None  # export_run_tags checked it
+    with training_run(f"export-{folder.name}", tags, progress=progress) as run:
+        params = flatten(manifest.training.get("full_config") or {})
+        params.update(
+            flatten(
+                {
+                    "format": export.format,
+                    "precision": export.precision,
+                    "source_uri": source_uri,
+                    "opset": export.opset,
+                    "calibration_images": export.calibration_images,
+                    "calibration_tiles": export.calibration_tiles,
+                },
+                "export.",
+            )
+        )
+        mlflow.log_params(params)
+        run.log_model(folder, manifest, fabric_example(manifest.pipeline.tile_size))
+        if name:
+            run.register(name, alias)
+    return run
 
 
 def _handle_sigterm() -> Any:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -17,19 +14,20 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.helpers import aliases, artifact_paths, sample_images, train_cli, wait_until
+from tests.helpers import (
+    aliases,
+    artifact_paths,
+    free_port,
+    sample_images,
+    stop_group,
+    train_cli,
+    wait_until,
+)
 from tracking.uris import resolve_model_uri
 
 pytestmark = pytest.mark.slow  # a real mlflow server and trainings
 
 STARTUP_SECONDS = 180  # generous: the server imports MLflow twice on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_healthy(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
@@ -46,22 +44,6 @@ def wait_healthy(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
         wait_until(healthy, STARTUP_SECONDS, "the mlflow server's /health", interval=0.5)
     except AssertionError as error:
         pytest.fail(f"{error}: {log.read_text()[-2000:]}")
-
-
-def stop(server: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the server's own process group (it runs uvicorn as a child), then SIGKILL."""
-    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)  # stragglers of the group
-        return
 
 
 @pytest.fixture
@@ -82,7 +64,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         wait_healthy(url, server, log)
         yield url
     finally:
-        stop(server)
+        stop_group(server)
 
 
 def test_train_and_register_through_a_real_tracking_server(
