@@ -82,6 +82,15 @@ def missing_extra(command: str, exc: ImportError) -> str | None:
     )
 
 
+def require_packages(command: str, packages: Sequence[str]) -> None:
+    """Before any work: CliError naming the extra when one of `packages` is not installed."""
+    import importlib.util
+
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            raise CliError(missing_extra(command, ModuleNotFoundError(name=package)))
+
+
 def is_user_error(exc: BaseException) -> bool:
     """A mistake of the user's (one line, exit 2), not a bug (internal error, exit 1)."""
     if isinstance(exc, BUILTIN_USER_ERRORS):
@@ -305,6 +314,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Every input is checked before the MLflow run opens: a mistake leaves no FAILED run behind.
     if args.model not in MODEL_TYPES:
         raise UnknownModelError(f"unknown model '{args.model}' (known: {', '.join(MODEL_TYPES)})")
+    if args.model == "patchcore":  # its backbones; DRAEM and the VAE need torch alone
+        require_packages("train", ("torchvision",))
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise CliError("--max-minutes must be positive")
     _check_registration(args.register, args.alias)
@@ -548,6 +559,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Fresh machine: synthetic fabric -> PatchCore (random backbone) -> MLflow, registered with
     alias champion -> evaluate and predict through the registry -> serve it."""
+    # what its PatchCore training needs: the demo stops here, not after writing its data
+    require_packages("demo", ("torch", "torchvision", "safetensors", "mlflow", "sklearn"))
     if not args.no_serve:  # a taken port fails now, not after minutes of training
         from app.listen import address_problem
 

@@ -8,6 +8,7 @@ those packages made unimportable, as in a slim install, and runs the CLI."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from models.export import export_bundle
+from models.pipeline import Detector
 from tests.helpers import png_bytes, woven
 
 pytestmark = pytest.mark.slow  # exporting (torch.export) takes 10-15 s
@@ -105,6 +107,19 @@ print(json.dumps(answers))
 """
 
 
+def test_auto_runs_an_onnx_export_on_openvino_where_only_openvino_is_installed(
+    exported: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openvino")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "onnxruntime" else real(name, *args),
+    )
+    assert Detector.from_bundle(exported).backend == "openvino"
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -126,6 +141,7 @@ def test_without_the_extras_the_cli_serves_exported_models_and_names_the_extra_f
         "export": ["export", "--model-uri", torch_bundle, "--format", "onnx",
                    "--out", str(tmp_path / "x")],
         "promote": ["promote", "fabric"],
+        "demo": ["demo", "--no-serve", "--workdir", str(tmp_path / "demo")],
         "predict bundle": ["predict", "--model-uri", torch_bundle, str(strip)],
         "predict registry": ["predict", "--model-uri", "models:/fabric@champion", str(strip)],
         "serve bundle": ["serve", "--model-uri", torch_bundle, "--host", "127.0.0.1",
@@ -138,7 +154,7 @@ def test_without_the_extras_the_cli_serves_exported_models_and_names_the_extra_f
     assert answers["synth"][0] == 0
     assert answers["predict exported"][0] == 0, answers["predict exported"]
     assert (tmp_path / "predictions" / "strip.json").is_file()
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "demo").exists()
     expected = {
         "train": "loomwatch train needs torch, which is not installed: pip install "
         "'loomwatch[train]'",
@@ -146,6 +162,8 @@ def test_without_the_extras_the_cli_serves_exported_models_and_names_the_extra_f
         "export": "loomwatch export needs torch, which is not installed: pip install "
         "'loomwatch[export]'",
         "promote": "'loomwatch[train]'",
+        "demo": "loomwatch demo needs torch, which is not installed: pip install "
+        "'loomwatch[train]'",
         "predict bundle": "the torch backend needs torch, which is not installed: pip install "
         "'loomwatch[torch]'",
         "predict registry": "MLflow is not installed (the tracking store and models:/, runs:/ "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import socket
 import subprocess
@@ -142,3 +143,23 @@ def test_train_checks_its_data_before_any_mlflow_run(
     (error,) = capsys.readouterr().err.strip().splitlines()
     assert error.startswith("loomwatch: error:") and message in error
     assert not own_store.exists(), "no MLflow store opened, so no FAILED run left in it"
+
+
+def test_patchcore_without_torchvision_names_the_extra_before_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CPU-only torch without torchvision trains DRAEM and the VAE; PatchCore says what to
+    install before an MLflow run (or anything else) is made."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "torchvision" else real(name, *args),
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", "patchcore", "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "loomwatch: error: loomwatch train needs torchvision, which is not installed: "
+        "pip install 'loomwatch[train]'"
+    )
+    assert list(tmp_path.iterdir()) == []
