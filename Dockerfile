@@ -1,17 +1,27 @@
-# Loomwatch serving image: the `loomwatch` package, CPU-only torch, one model.
+# Loomwatch serving images: the `loomwatch` package and one model.
 #
+# The full image (the default target): CPU-only torch, MLflow and training; it serves a bundle
+# or an exported model, fetches models:/ and runs:/ URIs, and is the image of every
+# docker-compose service.
 #   docker build -t loomwatch .                                        # model fetched at start
 #   docker build --build-arg BUNDLE_DIR=deploy/bundles/fabric-02 -t loomwatch:fabric-02 .  # baked
+#
+# The slim image (`--target slim`): serves an exported model (`loomwatch export`) with ONNX
+# Runtime, or OpenVINO with SLIM_RUNTIME=openvino; no torch, no MLflow.
+#   docker build --target slim --build-arg BUNDLE_DIR=deploy/bundles/fabric-02-onnx \
+#       -t loomwatch:fabric-02-slim .
 #
 # Build arguments (README "Deployment" has the whole list):
 #   BASE_IMAGE        a Python 3.11 image (default: the official slim one)
 #   TORCH_INDEX_URL   where torch and torchvision come from (default: PyTorch's CPU-only wheels;
-#                     PyPI's Linux wheels bring several GB of CUDA libraries)
+#                     PyPI's Linux wheels bring several GB of CUDA libraries); full image only
 #   PIP_INDEX_URL     where everything else comes from (default: PyPI)
-#   BUNDLE_DIR        a bundle folder inside the build context to bake in as /app/model
+#   BUNDLE_DIR        a model folder inside the build context to bake in as /app/model: a bundle
+#                     or an exported model (full image), an exported model (slim image)
+#   SLIM_RUNTIME      the slim image's runtime: onnxruntime (default) or openvino
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# ---- build: a virtual environment with loomwatch and its serving dependencies ---------------
+# ---- build: a virtual environment with loomwatch, torch and MLflow (the `train` extra) ------
 FROM ${BASE_IMAGE} AS build
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -39,7 +49,7 @@ COPY tracking ./tracking
 COPY models ./models
 COPY training ./training
 COPY app ./app
-RUN pip install . && python -c "import loomwatch.cli, app.main, tracking.uris"
+RUN pip install "/src[train]" && python -c "import loomwatch.cli, app.main, tracking.uris"
 
 # The bundle, readable by the service user (bundles are written owner-only), checked here so
 # that a wrong folder fails the build rather than the first start.
@@ -53,12 +63,49 @@ d = Detector.from_bundle(sys.argv[1]); print('baked bundle:', d.manifest.model_t
         echo "BUNDLE_DIR=${BUNDLE_DIR} has no manifest.json: not a Loomwatch bundle" >&2; exit 1; \
     else echo "no bundle baked in: set MODEL_URI (e.g. models:/NAME@champion) at start"; fi
 
-# ---- final: the environment, the model, a non-root user -------------------------------------
-FROM ${BASE_IMAGE}
+# ---- slim-build: loomwatch's core and one runtime, no torch, no MLflow ------------------------
+FROM ${BASE_IMAGE} AS slim-build
 
-LABEL org.opencontainers.image.title="loomwatch" \
-      org.opencontainers.image.description="Fabric defect detection API (FastAPI, PyTorch, MLflow)" \
-      org.opencontainers.image.licenses="Apache-2.0"
+ARG SLIM_RUNTIME=onnxruntime
+ARG PIP_INDEX_URL
+ARG PIP_CERT
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY loomwatch ./loomwatch
+COPY tracking ./tracking
+COPY models ./models
+COPY training ./training
+COPY app ./app
+# the check fails the build if anything pulled torch or MLflow in
+RUN python -m venv /opt/venv \
+    && pip install "/src[${SLIM_RUNTIME}]" \
+    && python -c "import importlib.util as u, loomwatch.cli, app.main, tracking.uris; \
+extra = [p for p in ('torch', 'mlflow', 'pandas', 'sklearn') if u.find_spec(p)]; \
+assert not extra, f'the slim image must not install {extra}'"
+
+ARG BUNDLE_DIR=deploy/no-bundle
+COPY ${BUNDLE_DIR} /opt/model
+RUN chmod -R a+rX,go-w /opt/model \
+    && if [ -f /opt/model/manifest.json ]; then \
+        python -c "import sys; from models.manifest import read_manifest; \
+from models.pipeline import Detector; m = read_manifest(sys.argv[1]); \
+m.export or sys.exit('BUNDLE_DIR is a PyTorch bundle: the slim image serves exported models \
+(loomwatch export --format onnx|openvino), the full image serves bundles'); \
+d = Detector.from_bundle(sys.argv[1]); \
+print('baked model:', m.model_type, m.export.format, m.export.precision, 'on', d.backend)" \
+        /opt/model; \
+    elif [ "${BUNDLE_DIR}" != deploy/no-bundle ]; then \
+        echo "BUNDLE_DIR=${BUNDLE_DIR} has no manifest.json: not a Loomwatch model" >&2; exit 1; \
+    else echo "no model baked in: mount an exported model folder at /app/model"; fi
+
+# ---- serving: what both images share: a non-root user, the settings, the command ------------
+FROM ${BASE_IMAGE} AS serving
 
 # /var/lib/loomwatch is the home and working directory: the model cache, the inference log and,
 # under docker compose, the trainer's data and the MLflow server's volumes (a named volume
@@ -69,9 +116,6 @@ RUN groupadd --system --gid 10001 loomwatch \
     && mkdir -p /var/lib/loomwatch/data /var/lib/loomwatch/mlflow/db \
         /var/lib/loomwatch/mlflow/artifacts \
     && chown -R loomwatch:loomwatch /var/lib/loomwatch
-
-COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/model /app/model
 
 # Every setting of app/settings.py can be given with `docker run -e NAME=value`.
 ENV PATH=/opt/venv/bin:$PATH \
@@ -94,3 +138,23 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=4)"]
 
 CMD ["loomwatch", "serve"]
+
+# ---- slim: the exported model's image (`--target slim`) -----------------------------------------
+FROM serving AS slim
+
+LABEL org.opencontainers.image.title="loomwatch-slim" \
+      org.opencontainers.image.description="Fabric defect detection API for exported models (FastAPI, ONNX Runtime or OpenVINO)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+COPY --from=slim-build /opt/venv /opt/venv
+COPY --from=slim-build /opt/model /app/model
+
+# ---- final (the default target): the full image ----------------------------------------------
+FROM serving
+
+LABEL org.opencontainers.image.title="loomwatch" \
+      org.opencontainers.image.description="Fabric defect detection API (FastAPI, PyTorch, MLflow)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/model /app/model

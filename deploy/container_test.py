@@ -1,4 +1,4 @@
-"""`make container-test`: lint the deployment files, build the image for real, start it.
+"""`make container-test`: lint the deployment files, build both images for real, start them.
 
 No Docker engine is needed (none runs on this project's machines): the image is built with
 `podman build --isolation=chroot` on a local Debian bookworm base (debootstrap, Debian's Python
@@ -6,14 +6,19 @@ No Docker engine is needed (none runs on this project's machines): the image is 
 read-only into the build, and a small PatchCore bundle baked in. The built image's own file
 system is then mounted and the server started from it with chroot, as the image's user, with the
 image's environment and command, on a loopback port: /health, /ready, a real /predict of a
-synthetic strip and the image's HEALTHCHECK command must pass. Everything is cleaned up (server,
-mounts, image, temporary files), also on failure or Ctrl-C; the base image and the wheelhouse
-stay cached (under LOOMWATCH_CACHE) for the next run.
+synthetic strip and the image's HEALTHCHECK command must pass; docker-compose.yml's services are
+then played from it. The slim image (`--target slim`: ONNX Runtime, no torch, no MLflow) is
+built the same way with the bundle's ONNX export baked in, checked to hold no torch, and
+started and queried the same way. Both images' sizes are printed at the end. Everything is
+cleaned up (servers, mounts, images, temporary files), also on failure or Ctrl-C; the base image
+and the wheelhouse stay cached (under LOOMWATCH_CACHE) for the next run.
 
 Needs root (chroot builds, mounts), apt-get (podman, debootstrap) and npm (dclint).
 Environment: LOOMWATCH_CACHE (default ~/.cache/loomwatch/container-test), KEEP_IMAGE=1 keeps
-the image, REUSE_IMAGE=1 starts a kept image without building, FRESH_BASE=1 rebuilds the base
-image, CONTAINER_TEST_MIN_FREE_GB (40), DEBIAN_MIRROR, CONTAINER_TEST_PORT.
+the images, REUSE_IMAGE=1 starts kept images without building, FRESH_BASE=1 rebuilds the base
+image, CONTAINER_TEST_IMAGES (slim,full: which images to build and start),
+CONTAINER_TEST_SLIM_RUNTIME (onnxruntime; openvino builds the slim image with OpenVINO),
+CONTAINER_TEST_MIN_FREE_GB (40; 5 for the slim image alone), DEBIAN_MIRROR, CONTAINER_TEST_PORT.
 """
 
 from __future__ import annotations
@@ -45,12 +50,17 @@ CACHE = Path(
     os.environ.get("LOOMWATCH_CACHE", Path.home() / ".cache/loomwatch/container-test")
 ).expanduser()
 BASE_IMAGE = "localhost/loomwatch-base:bookworm"
-IMAGE = "localhost/loomwatch:container-test"
+IMAGES = {"full": "localhost/loomwatch:container-test",
+          "slim": "localhost/loomwatch:container-test-slim"}  # fmt: skip
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 PORT = int(os.environ.get("CONTAINER_TEST_PORT", "18765"))
 BUNDLE_REL = f"deploy/bundles/container-test-{os.getpid()}"
+EXPORT_REL = f"{BUNDLE_REL}-onnx"
+# what the slim image must not hold (site-packages names)
+NOT_IN_SLIM = ("torch", "torchvision", "mlflow", "pandas", "sklearn", "matplotlib", "nvidia")
 
 timings: list[tuple[str, float]] = []
+sizes: dict[str, int] = {}  # image -> bytes, for the summary
 
 
 class ContainerTestError(RuntimeError):
@@ -146,14 +156,17 @@ def podman_ok(*args: str) -> bool:
 
 
 def wheelhouse() -> Path:
-    """torch, torchvision and every serving dependency as files, with a PEP 503 index.
+    """torch, torchvision and every dependency of both images as files, with a PEP 503 index.
 
     Downloaded with this machine's pip configuration (its local wheels, else PyPI), so that the
     build needs no network. Reused while the dependencies and the torch pins are unchanged.
     """
     torch, vision = dockerfile_arg("TORCH_VERSION"), dockerfile_arg("TORCHVISION_VERSION")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    key = hashlib.sha256(json.dumps([project["dependencies"], torch, vision]).encode())
+    # the full image's extra and both runtimes of the slim one (SLIM_RUNTIME)
+    spec = f"{ROOT}[train,onnxruntime,openvino]"
+    wanted = [project["dependencies"], project["optional-dependencies"], torch, vision, spec]
+    key = hashlib.sha256(json.dumps(wanted).encode())
     wheels, stamp = CACHE / "wheels", CACHE / "wheels/.complete"
     if stamp.exists() and stamp.read_text() == key.hexdigest():
         print(f"{wheels}: up to date, reused")
@@ -168,7 +181,7 @@ def wheelhouse() -> Path:
         "--dest",
         wheels,
     ]
-    run([*pip, f"torch=={torch}", f"torchvision=={vision}", "setuptools>=68", "wheel", ROOT],
+    run([*pip, f"torch=={torch}", f"torchvision=={vision}", "setuptools>=68", "wheel", spec],
         quiet=True)  # fmt: skip
     for own in wheels.glob("loomwatch-*"):
         own.unlink()
@@ -197,40 +210,52 @@ def write_simple_index(folder: Path) -> None:
     print(f"{folder}: {sum(map(len, projects.values()))} files, {len(projects)} projects")
 
 
-def tiny_bundle(work: Path) -> Path:
-    """Synthetic fabric and a small PatchCore bundle (random resnet18), tracked in `work`."""
+def tiny_bundle(work: Path, export: bool) -> Path:
+    """Synthetic fabric and a small PatchCore bundle (random resnet18), tracked in `work`, and
+    (for the slim image) its ONNX export."""
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
     loomwatch: list[str | Path] = [VENV_BIN / "loomwatch", "--quiet"]
     data = work / "data"
-    run([*loomwatch, "synth", "--out", data, "--fabrics", "1", "--normal", "4", "--defective",
+    run([*loomwatch, "synth", "--out", data, "--fabrics", "1", "--normal", "10", "--defective",
          "2", "--width", "1024", "--height", "256"], env=env)  # fmt: skip
     run([*loomwatch, "train", "--model", "patchcore", "--data", data, "--config",
          "patchcore-cpu", "--set", "model.augment.copies=0", "--out", BUNDLE_REL],
         env=env, cwd=ROOT)  # fmt: skip
+    if export:
+        run([*loomwatch, "export", "--model-uri", BUNDLE_REL, "--format", "onnx",
+             "--out", EXPORT_REL], env=env, cwd=ROOT)  # fmt: skip
     return sorted((data / "Defect_images").glob("*.png"))[0]
 
 
-def check_disk() -> None:
+def check_disk(kind: str) -> None:
     """The build holds the environment several times over (build stage, final stage, commits):
-    about 35 GB at its peak with PyPI's CUDA torch wheels, the only torch build on hand here."""
+    about 35 GB at its peak with PyPI's CUDA torch wheels, the only torch build on hand here;
+    a few GB for the slim image."""
     storage = Path("/var/lib/containers")
     free = shutil.disk_usage(storage if storage.exists() else "/").free / 1e9
-    needed = float(os.environ.get("CONTAINER_TEST_MIN_FREE_GB", "40"))
+    default = "40" if kind == "full" else "5"
+    needed = float(os.environ.get("CONTAINER_TEST_MIN_FREE_GB", default))
     print(f"free disk for podman: {free:.0f} GB (needs {needed:.0f} GB)")
     if free < needed:
         raise ContainerTestError(f"only {free:.0f} GB free; the build needs about {needed:.0f} GB")
 
 
-def build(wheels: Path, work: Path) -> None:
-    log = work / "build.log"
+def build(wheels: Path, work: Path, kind: str) -> None:
+    """The full image (the Dockerfile's default target) with the bundle, or the slim one
+    (`--target slim`) with its ONNX export."""
+    log = work / f"build-{kind}.log"
+    runtime = os.environ.get("CONTAINER_TEST_SLIM_RUNTIME", "onnxruntime")
+    target = (
+        ["--target", "slim", "--build-arg", f"SLIM_RUNTIME={runtime}"] if kind == "slim" else []
+    )
     args = [
         "podman", "build", "--isolation=chroot", "--network=host", "--format=docker",
         "--layers=false", "--volume", f"{wheels}:/wheels:ro",
         "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
         "--build-arg", "TORCH_INDEX_URL=file:///wheels/simple",
         "--build-arg", "PIP_INDEX_URL=file:///wheels/simple",
-        "--build-arg", f"BUNDLE_DIR={BUNDLE_REL}",
-        "--tag", IMAGE, ".",
+        "--build-arg", f"BUNDLE_DIR={EXPORT_REL if kind == 'slim' else BUNDLE_REL}",
+        *target, "--tag", IMAGES[kind], ".",
     ]  # fmt: skip
     print("$ " + shlex.join(args), flush=True)
     with open(log, "w") as stream:
@@ -239,7 +264,9 @@ def build(wheels: Path, work: Path) -> None:
         for raw in process.stdout:
             line = raw.decode(errors="replace")
             stream.write(line)
-            if re.match(r"(\[\d+/\d+\] )?STEP |COMMIT|baked bundle|no bundle", line):
+            if re.match(
+                r"(\[\d+/\d+\] )?STEP |COMMIT|baked (bundle|model)|no (bundle|model)", line
+            ):
                 print(line.rstrip()[:160], flush=True)
     if process.wait():
         print("".join(log.read_text().splitlines(keepends=True)[-40:]))
@@ -249,10 +276,12 @@ def build(wheels: Path, work: Path) -> None:
 # ---- the built image ----------------------------------------------------------------------------
 
 
-def inspect_image() -> dict[str, Any]:
-    info: dict[str, Any] = json.loads(run(["podman", "image", "inspect", IMAGE], quiet=True))[0]
+def inspect_image(image: str) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(run(["podman", "image", "inspect", image], quiet=True))[0]
+    info["image"] = image
     config = info["Config"]
     size = int(info["Size"])
+    sizes[image] = size
     print(f"image size: {size / 1e9:.2f} GB ({size} bytes)")
     print(f"user: {config.get('User')!r}  workdir: {config.get('WorkingDir')!r}")
     # podman keeps the Docker-format healthcheck beside the OCI config
@@ -267,21 +296,28 @@ def inspect_image() -> dict[str, Any]:
     return info
 
 
-def layout(mount: Path) -> None:
-    """Where the image's bytes are (site-packages), to tell the torch build's share."""
+def layout(mount: Path, slim: bool) -> None:
+    """Where the image's bytes are (site-packages), to tell the torch build's share; the slim
+    image must hold none of NOT_IN_SLIM."""
     site = next((mount / "opt/venv/lib").glob("python3*/site-packages"))
-    for name in ("torch", "nvidia", "triton", "cv2", "mlflow", "pyarrow", "scipy"):
+    names = ("torch", "nvidia", "triton", "cv2", "mlflow", "pyarrow", "scipy", "onnxruntime",
+             "openvino")  # fmt: skip
+    for name in names:
         if (site / name).exists():
             out = run(["du", "-sm", site / name], quiet=True)
             print(f"  site-packages/{name}: {out.split()[0]} MB")
     print("  /opt/venv: " + run(["du", "-sm", mount / "opt/venv"], quiet=True).split()[0] + " MB")
+    present = [name for name in NOT_IN_SLIM if (site / name).exists()]
+    if slim and present:
+        raise ContainerTestError(f"the slim image holds {', '.join(present)}")
 
 
 class Mounted:
     """The image's root file system, with /proc, /dev and a container's writable places."""
 
-    def __init__(self) -> None:
-        self.root = Path(run(["podman", "image", "mount", IMAGE], quiet=True).strip())
+    def __init__(self, image: str) -> None:
+        self.image = image
+        self.root = Path(run(["podman", "image", "mount", image], quiet=True).strip())
         self.mounts: list[Path] = []
         try:
             self._mount(["--bind", "/proc"], "proc")
@@ -319,7 +355,7 @@ class Mounted:
         for path in reversed(self.mounts):
             subprocess.run(["umount", str(path)], check=False)
         self.mounts.clear()
-        subprocess.run(["podman", "image", "unmount", IMAGE], capture_output=True, check=False)
+        subprocess.run(["podman", "image", "unmount", self.image], capture_output=True, check=False)
 
 
 def image_process(mounted: Mounted, info: dict[str, Any], command: Sequence[str]) -> list[str]:
@@ -373,14 +409,14 @@ def multipart(field: str, path: Path) -> tuple[bytes, str]:
     )
 
 
-def serve_and_query(info: dict[str, Any], strip: Path, work: Path) -> None:
-    mounted = Mounted()
+def serve_and_query(info: dict[str, Any], strip: Path, work: Path, kind: str) -> None:
+    mounted = Mounted(info["image"])
     server: subprocess.Popen[bytes] | None = None
     try:
-        layout(mounted.root)
+        layout(mounted.root, slim=kind == "slim")
         command = info["Config"]["Cmd"]
         env = image_env(info, HOST="127.0.0.1", PORT=str(PORT))
-        log = work / "server.log"
+        log = work / f"server-{kind}.log"
         args = image_process(mounted, info, command)
         print("$ " + shlex.join(args) + f"   (HOST=127.0.0.1 PORT={PORT})", flush=True)
         with open(log, "wb") as stream:
@@ -495,7 +531,7 @@ def compose_flow(info: dict[str, Any], strip: Path, work: Path) -> None:
         given = compose["services"][service].get("command") or info["Config"]["Cmd"]
         return [interpolate(str(part), variables) for part in given]
 
-    mounted = Mounted()
+    mounted = Mounted(info["image"])
     services: Services | None = None
     try:
         mounted.hosts(work, " ".join(compose["services"]))
@@ -556,47 +592,70 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def selected_images() -> list[str]:
+    chosen = os.environ.get("CONTAINER_TEST_IMAGES", "slim,full").replace(" ", "").split(",")
+    unknown = set(chosen) - set(IMAGES)
+    if unknown or not chosen:
+        raise ContainerTestError(f"CONTAINER_TEST_IMAGES: choose from {', '.join(IMAGES)}")
+    return [kind for kind in ("slim", "full") if kind in chosen]  # the quick one first
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="loomwatch-container-test-"))
-    built = False
+    built: list[str] = []
     try:
+        kinds = selected_images()
         with stage("tools"):
             dclint = install_tools()
         with stage("lint: hadolint, dclint, tests/test_deployment.py"):
             lint(dclint)
         with stage("base image (debootstrap bookworm, podman import)"):
             base_image()
-        with stage("wheelhouse (torch and serving dependencies)"):
+        with stage("wheelhouse (torch and both images' dependencies)"):
             wheels = wheelhouse()
-        with stage("bundle (synthetic fabric, PatchCore)"):
-            strip = tiny_bundle(work)
-        with stage("podman build"):
-            built = True
-            if os.environ.get("REUSE_IMAGE") == "1" and podman_ok("image", "exists", IMAGE):
-                print(f"{IMAGE}: present, reused (REUSE_IMAGE=1)")
-            else:
-                check_disk()
-                build(wheels, work)
-        with stage("inspect"):
-            info = inspect_image()
-        with stage("start the image's file system; /health, /ready, /predict"):
-            serve_and_query(info, strip, work)
-        with stage("docker-compose.yml from the image: mlflow, trainer, api"):
-            compose_flow(info, strip, work)
+        with stage(
+            "bundle (synthetic fabric, PatchCore"
+            + (", its ONNX export)" if "slim" in kinds else ")")
+        ):
+            strip = tiny_bundle(work, export="slim" in kinds)
+        for kind in kinds:
+            image = IMAGES[kind]
+            with stage(f"podman build ({kind} image)"):
+                built.append(image)
+                if os.environ.get("REUSE_IMAGE") == "1" and podman_ok("image", "exists", image):
+                    print(f"{image}: present, reused (REUSE_IMAGE=1)")
+                else:
+                    check_disk(kind)
+                    build(wheels, work, kind)
+            with stage(f"inspect ({kind} image)"):
+                info = inspect_image(image)
+            with stage(f"start the {kind} image's file system; /health, /ready, /predict"):
+                serve_and_query(info, strip, work, kind)
+            if kind == "full":
+                with stage("docker-compose.yml from the full image: mlflow, trainer, api"):
+                    compose_flow(info, strip, work)
     except (ContainerTestError, KeyboardInterrupt) as exc:
         print(f"\ncontainer test FAILED: {exc or 'interrupted'}", file=sys.stderr)
         return 1
     finally:
-        if built and os.environ.get("KEEP_IMAGE") != "1":
-            subprocess.run(["podman", "rmi", "--force", IMAGE], capture_output=True, check=False)
+        if os.environ.get("KEEP_IMAGE") != "1":
+            for image in built:
+                subprocess.run(
+                    ["podman", "rmi", "--force", image], capture_output=True, check=False
+                )
         shutil.rmtree(ROOT / BUNDLE_REL, ignore_errors=True)
+        shutil.rmtree(ROOT / EXPORT_REL, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
         print("\nstage durations:")
         for name, seconds in timings:
             print(f"  {seconds:6.0f} s  {name}")
         print(f"  {time.monotonic() - started:6.0f} s  total")
+        if sizes:
+            print("\nimage sizes (podman image inspect):")
+            for image, size in sizes.items():
+                print(f"  {size / 1e9:6.2f} GB  {image}")
     print("\ncontainer test passed")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,32 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(pair[0].upper(), pair[1] if len(pair) > 1 else "") for pair in pairs]
 
 
+def stages() -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """(name, base, instructions from its FROM on) of every stage, in order; unnamed: ''."""
+    found: list[tuple[str, str, list[tuple[str, str]]]] = []
+    for op, args in dockerfile_instructions():
+        if op == "FROM":
+            words = args.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else ""
+            found.append((name, words[0], []))
+        if found:
+            found[-1][2].append((op, args))
+    return found
+
+
+def stage(name: str | None = None) -> list[tuple[str, str]]:
+    """A stage's instructions with those of the stages it is built FROM: the image it makes
+    (`name`, e.g. the `--target`; None: the last stage, what a plain `docker build` makes)."""
+    everything = stages()
+    index = len(everything) - 1 if name is None else [n for n, _, _ in everything].index(name)
+    _, base, instructions = everything[index]
+    earlier = {n: i for i, (n, _, _) in enumerate(everything[:index]) if n}
+    inherited = stage(everything[earlier[base]][0]) if base in earlier else []
+    return inherited + instructions
+
+
 def final_stage() -> list[tuple[str, str]]:
-    instructions = dockerfile_instructions()
-    last_from = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
-    return instructions[last_from:]
+    return stage(None)
 
 
 def env_keys(args: str) -> list[str]:
@@ -69,7 +92,10 @@ def test_dockerfile_base_image_is_a_build_argument_defaulting_to_official_slim_p
     assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", default), default
     froms = [args for op, args in instructions if op == "FROM"]
     assert len(froms) >= 2, "multi-stage: a build stage and a final stage"
-    assert all(args.split()[0] == "${BASE_IMAGE}" for args in froms)
+    named: set[str] = set()
+    for name, base, _ in stages():  # the base image, or a stage built before
+        assert base == "${BASE_IMAGE}" or base in named, base
+        named.add(name)
 
 
 def test_dockerfile_installs_cpu_only_torch_from_an_index_build_argument() -> None:
@@ -90,6 +116,30 @@ def test_final_stage_runs_as_non_root_with_healthcheck_and_serving_command() -> 
     assert "/health" in health
     (cmd,) = [args for op, args in stage if op == "CMD"]
     assert cmd == '["loomwatch", "serve"]'
+
+
+def test_the_full_image_installs_the_train_extra_with_cpu_torch_installed_first() -> None:
+    (_, _, build), *_ = stages()
+    installs = [args for op, args in build if op == "RUN" and "pip install" in args]
+    assert "torch==" in installs[0] and '"/src[train]"' in installs[1]
+
+
+def test_the_slim_target_serves_an_exported_model_without_torch_as_the_full_one_does() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = extras["optional-dependencies"]
+    slim, full = stage("slim"), final_stage()
+    build = stage("slim-build")
+    runtime = dict(a.partition("=")[::2] for op, a in build if op == "ARG")["SLIM_RUNTIME"]
+    assert runtime == "onnxruntime" and {"onnxruntime", "openvino"} <= set(extras)
+    (install,) = [args for op, args in build if op == "RUN" and "pip install" in args]
+    assert '"/src[${SLIM_RUNTIME}]"' in install and "torch" not in install.split("&&")[1]
+    assert "m.export or sys.exit" in " ".join(a for op, a in build if op == "RUN")
+    assert ("COPY", "--from=slim-build /opt/venv /opt/venv") in slim
+    assert not any(op == "COPY" and "--from=build" in args for op, args in slim)
+    assert not any(op == "RUN" and "pip install" in args for op, args in slim)
+    # the same user, settings, health check and command as the full image
+    shared = {"USER", "ENV", "HEALTHCHECK", "CMD", "WORKDIR", "EXPOSE"}
+    assert [i for i in slim if i[0] in shared] == [i for i in full if i[0] in shared]
 
 
 def test_final_stage_environment_names_real_settings() -> None:
