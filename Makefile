@@ -43,7 +43,7 @@ format: $(STAMP)
 
 ## Latency and memory of a bundle: make bench BUNDLE=runs/demo/bundle
 bench: $(STAMP)
-	$(BIN)/python bench/latency.py --bundle $(BUNDLE)
+	$(BIN)/python -m bench.latency --bundle $(BUNDLE) $(BENCH_ARGS)
 
 ## Build the Docker image for real (podman, no Docker engine needed; root) and start it:
 ## lint, build, /health, /ready, /predict from inside the image. Not in CI (README "Deployment").

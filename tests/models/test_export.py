@@ -207,7 +207,7 @@ def test_a_failed_export_leaves_nothing_and_keeps_what_was_there(
     out = export_bundle(bundles["vae"], tmp_path / "vae", "onnx", source_uri="x")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def broken(*_: object) -> None:
+    def broken(*_: object, **__: object) -> None:
         raise RuntimeError("exporter crashed")
 
     monkeypatch.setattr("models.export.export_onnx", broken)
