@@ -198,7 +198,6 @@ def serve_measurements(folder: Path, backend: str, image: Path, threads: int, ba
     answer_to = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
     rss_start = proc_status("VmRSS")
-    import torch
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -209,8 +208,7 @@ def serve_measurements(folder: Path, backend: str, image: Path, threads: int, ba
     def answer(message: dict[str, Any]) -> None:
         answer_to.write(json.dumps(message) + "\n")
 
-    torch.set_num_threads(threads)
-    settings = Settings(
+    settings = Settings(  # INFERENCE_THREADS reaches the runtime (torch's threads too)
         _env_file=None,  # type: ignore[call-arg]
         model_uri=str(folder),
         backend=backend,  # type: ignore[arg-type]
