@@ -10,6 +10,7 @@ one is asked for, so a service that runs an exported model needs no PyTorch.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import queue
 from collections.abc import Callable
@@ -63,7 +64,7 @@ class TorchNetwork:
         return output.anomaly_map.float().numpy(), output.score.float().numpy()
 
 
-class _Streams:
+class Streams:
     """Tiles spread over independent single-threaded runs of the network, one per core.
 
     A strip's tiles are independent, so the exported runtimes run one tile per call on one
@@ -92,15 +93,38 @@ class _Streams:
 
 
 def cores(threads: int | None) -> int:
-    """The cores a runtime may use: ``threads``, else every core this process may run on."""
-    return threads if threads else len(os.sched_getaffinity(0))
+    """The cores a runtime may use: ``threads``, else the cores this process may run on, fewer
+    when a container's CPU quota allows fewer (``docker run --cpus 2`` on a 64-core host
+    leaves all 64 in the affinity mask; 64 streams would then fight over two cores' time)."""
+    if threads:
+        return threads
+    allowed = len(os.sched_getaffinity(0))
+    quota = cpu_quota()
+    return max(1, min(allowed, math.ceil(quota))) if quota else allowed
+
+
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the cgroup's CFS quota allows (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``); None: no
+    quota."""
+    v2, v1 = cgroup / "cpu.max", cgroup / "cpu" / "cpu.cfs_quota_us"
+    try:
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        if v1.is_file():
+            quota_us = int(v1.read_text())
+            period_us = int((v1.parent / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 class OnnxRuntimeNetwork:
     """An exported ONNX network run by ONNX Runtime (CPU execution provider).
 
     One session, all graph optimisations (ORT's NCHWc layout and fusions), one intra-op thread
-    per run; ``threads`` runs at a time (:class:`_Streams`). ORT's session is thread-safe."""
+    per run; ``threads`` runs at a time (:class:`Streams`). ORT's session is thread-safe."""
 
     backend = "onnxruntime"
 
@@ -119,7 +143,7 @@ class OnnxRuntimeNetwork:
             )
         except Exception as exc:  # ORT raises its own exception types for a bad file
             raise BundleError(f"{path}: ONNX Runtime cannot load it ({_first_line(exc)})") from None
-        self.streams = _Streams(cores(threads), self._run_one)
+        self.streams = Streams(cores(threads), self._run_one)
 
     def _run_one(self, tiles: np.ndarray, valid: np.ndarray) -> tuple[Any, Any]:
         maps, scores = self.session.run(None, {"tiles": tiles, "valid": valid})
@@ -134,7 +158,7 @@ class OpenVinoNetwork:
 
     Compiled for one tile at a time (a static shape: OpenVINO plans memory and picks kernels
     once, where a free batch size re-plans per call) with one stream per core and one infer
-    request per stream (:class:`_Streams`). Networks are compiled with the f32 inference
+    request per stream (:class:`Streams`). Networks are compiled with the f32 inference
     precision, the float parts of an int8 network too: OpenVINO would otherwise pick bf16 on
     CPUs that have it, and the maps would no longer match PyTorch's (nor be the same from one
     machine to the next)."""
@@ -162,7 +186,7 @@ class OpenVinoNetwork:
         self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(count):
             self.requests.put(self.compiled.create_infer_request())
-        self.streams = _Streams(count, self._run_one)
+        self.streams = Streams(count, self._run_one)
 
     def _run_one(self, tiles: np.ndarray, valid: np.ndarray) -> tuple[Any, Any]:
         request = self.requests.get()
