@@ -10,7 +10,6 @@ half-written bundle is never seen.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ from models.manifest import (
     BundleError,
     Manifest,
     PipelineConfig,
+    move_into_place,
     read_manifest,
 )
 from models.registry import UnknownModelError, model_class
@@ -73,14 +73,7 @@ def save_bundle(directory: Path | str, model: AnomalyModel, manifest: Manifest) 
         save_file(state, str(staging / WEIGHTS), metadata={"model_type": model.model_type})
         text = json.dumps(manifest.model_dump(mode="json"), indent=2, allow_nan=False)
         (staging / MANIFEST).write_text(text + "\n")
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

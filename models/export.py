@@ -42,6 +42,7 @@ from models.manifest import (
     ExportInfo,
     file_sha256,
     folder_digest,
+    move_into_place,
     read_manifest,
 )
 from models.network import require_runtime
@@ -335,16 +336,10 @@ def export_bundle(
 
 
 def _replace(staging: Path, target: Path) -> None:
-    if target.exists():
-        if not (target / MANIFEST).is_file() and any(target.iterdir()):
-            raise BundleError(f"{target}: exists and is not a model folder; not replaced")
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    """Move the export into place; a folder there that is not a model folder is kept."""
+    if target.exists() and not (target / MANIFEST).is_file() and any(target.iterdir()):
+        raise BundleError(f"{target}: exists and is not a model folder; not replaced")
+    move_into_place(staging, target)
 
 
 def exported_size(folder: Path) -> dict[str, Any]:

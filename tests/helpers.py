@@ -260,3 +260,11 @@ def real_aitex() -> Path:
     if not folder.is_dir():
         pytest.skip(f"real AITEX data absent: no folder {folder} (set {AITEX_DIR_VARIABLE})")
     return folder
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], needle: str) -> None:
+    """The CLI's error as a user sees it: one line on stderr, no traceback, naming ``needle``."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loomwatch: error:"), err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert needle in err, err

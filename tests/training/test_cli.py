@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loomwatch.cli import main
-from tests.helpers import TINY_SET
+from tests.helpers import TINY_SET, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -73,33 +73,26 @@ def test_predict_writes_overlay_mask_and_json(
     assert "score" in capsys.readouterr().out
 
 
-def _one_line_error(capsys: pytest.CaptureFixture[str], needle: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("loomwatch: error:"), err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert needle in err, err
-
-
 def test_bad_input_gives_one_line_and_nonzero_exit(
     bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     train = ["train", "--model", "patchcore", "--out", str(tmp_path / "b")]
     assert main([*train, "--data", str(tmp_path / "missing")]) == 2
-    _one_line_error(capsys, "missing")
+    one_line_error(capsys, "missing")
     (tmp_path / "empty").mkdir()
     assert main([*train, "--data", str(tmp_path / "empty")]) == 2
-    _one_line_error(capsys, "empty")
+    one_line_error(capsys, "empty")
     assert main(["train", "--model", "resnet", "--data", str(tmp_path)]) == 2
-    _one_line_error(capsys, "unknown model 'resnet'")
+    one_line_error(capsys, "unknown model 'resnet'")
     assert main([*train, "--data", str(tmp_path), "--set", "model.nope=1"]) == 2
-    _one_line_error(capsys, "model.nope")
+    one_line_error(capsys, "model.nope")
     for rate in ("0", "1", "1.5", "-0.1"):  # a false-alarm rate must lie in (0, 1)
         bad_rate = ["--set", f"calibration.target_false_alarm={rate}"]
         assert main([*train, "--data", str(tmp_path), *bad_rate]) == 2
-        _one_line_error(capsys, "calibration.target_false_alarm")
+        one_line_error(capsys, "calibration.target_false_alarm")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
     assert main(["predict", "--model-uri", str(bundle), str(broken)]) == 1
-    _one_line_error(capsys, "broken.png")
+    one_line_error(capsys, "broken.png")
     assert main(["evaluate", "--model-uri", str(tmp_path), "--data", str(tmp_path)]) == 2
-    _one_line_error(capsys, "manifest.json")
+    one_line_error(capsys, "manifest.json")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loomwatch.cli import main
-from tests.helpers import TINY_SET, free_port
+from tests.helpers import TINY_SET, free_port, one_line_error
 
 pytestmark = pytest.mark.slow  # each test needs a trained model (one per module)
 
@@ -19,13 +19,6 @@ def bundle(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["--quiet", "train", "--model", "patchcore", "--data", str(synth_data)]
     assert main([*args, *TINY_SET, "--out", str(out), "--max-minutes", "2"]) == 0
     return out
-
-
-def _one_line_error(capsys: pytest.CaptureFixture[str], needle: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("loomwatch: error:"), err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert needle in err, err
 
 
 def test_export_int8_then_predict_and_evaluate_through_it(
@@ -56,17 +49,17 @@ def test_export_refuses_bad_requests_in_one_line(
 ) -> None:
     export = ["export", "--model-uri", str(bundle), "--out", str(tmp_path / "x")]
     assert main([*export, "--format", "tflite"]) == 2
-    _one_line_error(capsys, "unknown --format 'tflite'")
+    one_line_error(capsys, "unknown --format 'tflite'")
     assert main([*export, "--format", "onnx", "--int8"]) == 2
-    _one_line_error(capsys, "--int8 needs --calibration-data")
+    one_line_error(capsys, "--int8 needs --calibration-data")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main([*export, "--format", "onnx", "--int8", "--calibration-data", str(empty)]) == 2
-    _one_line_error(capsys, "empty")
+    one_line_error(capsys, "empty")
     assert not (tmp_path / "x").exists()
     missing = ["export", "--model-uri", str(tmp_path / "nope"), "--format", "onnx"]
     assert main([*missing, "--out", str(tmp_path / "y")]) == 2
-    _one_line_error(capsys, "nope")
+    one_line_error(capsys, "nope")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing half-written
 
 
@@ -82,13 +75,13 @@ def test_predict_and_serve_refuse_a_corrupt_export(
     assert main([*predict, "--backend", "onnxruntime"]) == 0
     capsys.readouterr()
     assert main([*predict, "--backend", "tensorrt"]) == 2
-    _one_line_error(capsys, "unknown backend 'tensorrt'")
+    one_line_error(capsys, "unknown backend 'tensorrt'")
     assert main(["predict", "--model-uri", str(bundle), str(image), "--backend", "openvino"]) == 2
-    _one_line_error(capsys, "loomwatch export")
+    one_line_error(capsys, "loomwatch export")
     network = out / "model.onnx"
     network.write_bytes(network.read_bytes()[:1000])
     assert main(predict) == 2
-    _one_line_error(capsys, "corrupt or truncated")
+    one_line_error(capsys, "corrupt or truncated")
     assert main(["serve", "--model-uri", str(out), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert "corrupt or truncated" in err and "Traceback" not in err
