@@ -20,6 +20,7 @@ from app.inference_log import InferenceLog
 from app.metrics import Metrics
 from app.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
 from app.model import StartupError, load_model
+from app.pages import install_pages
 from app.pool import InferencePool
 from app.routes import api, probes
 from app.service import Scorer
@@ -77,6 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # app.pages serves /docs and /redoc from the app's own files
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
@@ -86,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(probes)
     app.include_router(api)
+    install_pages(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
