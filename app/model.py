@@ -13,7 +13,7 @@ from app.settings import Settings
 from models.manifest import folder_digest
 from models.pipeline import Detector
 from models.postprocess import SuppressionSettings
-from tracking.uris import parse_model_uri, resolve_model_uri
+from tracking.uris import name_and_version, resolve_model_uri
 
 log = logging.getLogger("loomwatch.app")
 
@@ -40,18 +40,6 @@ class LoadedModel:
 def bundle_digest(folder: Path) -> str:
     """The served model's version when the URI names none: a digest of its folder's files."""
     return folder_digest(folder)
-
-
-def name_and_version(uri: str, folder: Path, digest: str) -> tuple[str, str]:
-    """Registry name/version from an MLflow URI when it says them; else the folder and digest."""
-    parsed = parse_model_uri(uri)
-    if parsed.kind == "version":
-        return parsed.name, parsed.version
-    if parsed.kind in ("alias", "logged"):  # an alias names no version by itself
-        return parsed.name, digest
-    if parsed.kind == "run":
-        return f"run-{parsed.run_id}", digest
-    return folder.resolve().name, digest
 
 
 def warm_up(detector: Detector) -> float:

@@ -107,6 +107,18 @@ def bundle_in(folder: Path) -> Path:
     return folder / str(relative)
 
 
+def name_and_version(uri: str, folder: Path, digest: str) -> tuple[str, str]:
+    """Registry name/version from an MLflow URI when it says them; else the folder and digest."""
+    parsed = parse_model_uri(uri)
+    if parsed.kind == "version":
+        return parsed.name, parsed.version
+    if parsed.kind in ("alias", "logged"):  # an alias names no version by itself
+        return parsed.name, digest
+    if parsed.kind == "run":
+        return f"run-{parsed.run_id}", digest
+    return folder.resolve().name, digest
+
+
 def cache_root() -> Path:
     configured = os.environ.get("LOOMWATCH_MODEL_CACHE", "").strip()
     return Path(configured).expanduser() if configured else Path.cwd() / ".loomwatch/model-cache"

@@ -83,6 +83,23 @@ class Dataset:
 
 
 @dataclass(frozen=True)
+class AitexName:
+    """What an AITEX file name ``nnnn_ddd_ff`` says: image number, defect code, fabric code."""
+
+    number: str
+    defect: str  # "000": defect-free
+    fabric: str
+
+
+def parse_aitex_name(stem: str) -> AitexName | None:
+    """The parts of an AITEX file name (without its extension); None for any other name."""
+    match = _AITEX_NAME.match(stem)
+    if match is None:
+        return None
+    return AitexName(match.group("id"), match.group("defect"), match.group("fabric"))
+
+
+@dataclass(frozen=True)
 class Split:
     """Defect-free images to fit on, and everything kept back for validation/calibration."""
 
@@ -97,7 +114,7 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _walk_images(folder: Path) -> Iterator[Path]:
+def walk_images(folder: Path) -> Iterator[Path]:
     """Image files below ``folder``, skipping hidden files and folders (``._x.png``, ``.git``)."""
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
@@ -141,7 +158,7 @@ def _mask_owner(stem: str) -> tuple[str, int]:
 def _index_masks(folders: Iterable[Path]) -> dict[str, list[tuple[int, Path]]]:
     masks: dict[str, list[tuple[int, Path]]] = defaultdict(list)
     for folder in folders:
-        for path in _walk_images(folder):
+        for path in walk_images(folder):
             owner, index = _mask_owner(path.stem)
             masks[owner].append((index, path))
     return masks
@@ -189,17 +206,17 @@ def _load_aitex(root: Path) -> list[Sample]:
     seen: set[Path] = set()
     for label, folder_name in ((1, _AITEX_DEFECT_DIR), (0, _AITEX_NORMAL_DIR)):
         for folder in _folders_named(root, folder_name):
-            for path in _walk_images(folder):
+            for path in walk_images(folder):
                 parts = path.relative_to(root).parts
                 inside_masks = _AITEX_MASK_DIR in (part.lower() for part in parts)
                 if path in seen or inside_masks:  # nested folders: count each file once
                     continue
                 seen.add(path)
-                match = _AITEX_NAME.match(path.stem)
-                fabric = match.group("fabric") if match else None
+                name = parse_aitex_name(path.stem)
+                fabric = name.fabric if name else None
                 defect: str | None = None
                 if label == 1:
-                    defect = match.group("defect") if match else "unknown"
+                    defect = name.defect if name else "unknown"
                 samples.append(
                     Sample(
                         image=path,
@@ -225,7 +242,7 @@ def _load_mvtec_category(folder: Path) -> list[Sample]:
         for kind_name, kind_dir in _subfolders(children[subset]).items():
             good = kind_name == "good"
             defect_masks = truth.get(kind_name, {})
-            for path in _walk_images(kind_dir):
+            for path in walk_images(kind_dir):
                 samples.append(
                     Sample(
                         image=path,
@@ -255,14 +272,14 @@ def _load_folder(root: Path) -> list[Sample]:
     if "normal" in children:
         samples += [
             Sample(image=path, masks=(), label=0, defect=None, fabric=None)
-            for path in _walk_images(children["normal"])
+            for path in walk_images(children["normal"])
         ]
     if "anomalous" not in children:
         return samples
     anomalous_dir = children["anomalous"]
     masks_dir = children.get("masks")
     masks = _index_masks([masks_dir] if masks_dir else [])
-    for path in _walk_images(anomalous_dir):
+    for path in walk_images(anomalous_dir):
         relative_dir = path.parent.relative_to(anomalous_dir)
         defect = relative_dir.parts[0] if relative_dir.parts else "anomalous"
         candidates = masks.get(path.stem, [])
