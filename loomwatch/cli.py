@@ -53,6 +53,10 @@ USER_ERRORS = {
     "training.data": ("DatasetError",),
     "training.decisions": ("NoCommonDataError",),
     "tracking.store": ("ModelUriError", "TrackingError"),
+    "training.batch.files": ("BatchInputError",),
+    "training.batch.job": ("BatchSettingsError",),
+    "training.batch.output": ("OutputError",),
+    "training.batch.spark": ("SparkUnavailableError",),
 }
 
 
@@ -60,12 +64,12 @@ USER_ERRORS = {
 # models). A command that always needs more than the core names its own extra; predict and serve
 # need one only for some models (a PyTorch bundle, an MLflow URI): the missing package decides.
 COMMAND_EXTRAS = {"train": "train", "evaluate": "train", "promote": "train", "demo": "train",
-                  "export": "export"}  # fmt: skip
+                  "export": "export", "batch": "batch"}  # fmt: skip
 PACKAGE_EXTRAS = {
     "torch": "torch", "torchvision": "torch", "safetensors": "torch",
     "mlflow": "tracking", "pandas": "tracking", "sklearn": "train", "matplotlib": "train",
     "onnx": "export", "onnxscript": "export", "nncf": "export",
-    "onnxruntime": "onnxruntime", "openvino": "openvino",
+    "onnxruntime": "onnxruntime", "openvino": "openvino", "pyspark": "batch", "pyarrow": "batch",
 }  # fmt: skip
 
 
@@ -232,6 +236,42 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--backend", help="runtime of the network: auto, torch, onnxruntime, openvino ($BACKEND)"
     )
+
+    batch = commands.add_parser(
+        "batch",
+        help="score every image of an archive into Parquet (local processes or Apache Spark)",
+        description="Score every image below DIR (or matching GLOB) through one model and write "
+        "one row per image to OUT.parquet (a folder partitioned by fabric). Re-running skips "
+        "images this model already scored. Exit status 0: all scored; 1: some images could not "
+        "be scored (their rows say why); 2: the job could not run. See docs/batch.md.",
+    )
+    batch.add_argument("--model-uri", required=True)
+    batch.add_argument("--input", required=True, metavar="DIR|GLOB")
+    batch.add_argument("--output", type=Path, required=True, metavar="OUT.parquet")
+    batch.add_argument("--engine", default="local", metavar="{local,spark}")
+    batch.add_argument(
+        "--master", help="Spark master URL (default local[--workers]; spark-submit's own)"
+    )
+    batch.add_argument(
+        "--workers", type=int, default=1, help="local processes, or N of local[N] (default 1)"
+    )
+    batch.add_argument("--report", type=Path, dest="report_dir", metavar="DIR")
+    batch.add_argument(
+        "--worst", type=_positive_int, default=8, help="worst strips shown per fabric (8)"
+    )
+    batch.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=256,
+        help="images per checkpoint: what a killed job keeps (256)",
+    )
+    batch.add_argument(
+        "--max-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="larger files get an error row unread (256 MiB)",
+    )
+    _backend_option(batch)
 
     demo = commands.add_parser(
         "demo",
@@ -556,6 +596,33 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Exit 0 when every image was scored, 1 when some could not be (rows with an error)."""
+    require_packages("batch", ("pyarrow",) + (("pyspark",) if args.engine == "spark" else ()))
+    from training.batch.job import BatchRequest, run_batch
+
+    request = BatchRequest(
+        model_uri=args.model_uri,
+        input=args.input,
+        output=args.output,
+        engine=args.engine,
+        master=args.master,
+        workers=args.workers,
+        backend=args.backend,
+        report_dir=args.report_dir,
+        worst=args.worst,
+        checkpoint_every=args.checkpoint_every,
+        max_bytes=args.max_bytes,
+        progress=not args.quiet,
+    )
+    say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
+    summary = run_batch(request, say)
+    print(summary.line())
+    if summary.report is not None:
+        print(f"report: {summary.report}")
+    return summary.exit_code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Fresh machine: synthetic fabric -> PatchCore (random backbone) -> MLflow, registered with
     alias champion -> evaluate and predict through the registry -> serve it."""
@@ -615,6 +682,7 @@ COMMANDS = {
     "export": cmd_export,
     "serve": cmd_serve,
     "demo": cmd_demo,
+    "batch": cmd_batch,
 }
 
 
