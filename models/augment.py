@@ -29,18 +29,21 @@ def random_affine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One random shear/rotation/scale per tile, about the tile centre."""
     batch = tiles.shape[0]
+    device = generator.device  # the draws where the generator is; the warp where the tiles are
 
     def uniform(limit: float) -> torch.Tensor:
-        return (torch.rand(batch, generator=generator) * 2.0 - 1.0) * limit
+        return (torch.rand(batch, generator=generator, device=device) * 2.0 - 1.0) * limit
 
     shear, scale = uniform(config.shear), 1.0 + uniform(config.scale)
     angle = uniform(math.radians(config.rotation))
     cos, sin = torch.cos(angle), torch.sin(angle)
     # Output -> input coordinates (normalised): rotation @ shear (x += shear * y), scaled.
-    theta = torch.zeros(batch, 2, 3)
+    theta = torch.zeros(batch, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 1] = cos / scale, (cos * shear - sin) / scale
     theta[:, 1, 0], theta[:, 1, 1] = sin / scale, (sin * shear + cos) / scale
-    grid = F.affine_grid(theta, list(tiles.shape), align_corners=False)
+    grid = F.affine_grid(
+        theta.to(tiles.device, tiles.dtype), list(tiles.shape), align_corners=False
+    )
     warped = F.grid_sample(tiles, grid, mode="bilinear", padding_mode="reflection",
                            align_corners=False)  # fmt: skip
     warped_valid = F.grid_sample(valid.float(), grid, mode="nearest", padding_mode="reflection",

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.utils.data import Dataset
+
+from models.device import Runtime
 
 
 class ModelConfig(BaseModel):
@@ -64,6 +67,41 @@ class ReportPanel:
     image: np.ndarray  # BGR uint8
 
 
+class StepTimer:
+    """Seconds spent in each part of a training step (data, forward, backward), when on.
+
+    Off by default: timing a part of a step on an accelerator means waiting for the device
+    before and after it, which costs throughput. ``sync=False`` for parts that only wait on the
+    host (the next batch)."""
+
+    def __init__(self, runtime: Runtime | None = None, enabled: bool = False) -> None:
+        self.runtime = runtime
+        self.enabled = enabled
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    @contextmanager
+    def stage(self, name: str, sync: bool = True) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if sync and self.runtime is not None:
+            self.runtime.synchronize()
+        started = time.perf_counter()
+        yield
+        if sync and self.runtime is not None:
+            self.runtime.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def summary(self) -> dict[str, float]:
+        """Mean milliseconds per step of each part timed: ``step_<part>_ms``."""
+        return {
+            f"step_{name}_ms": 1000.0 * total / max(self.counts[name], 1)
+            for name, total in self.seconds.items()
+        }
+
+
 @dataclass
 class FitContext:
     """What fitting may use besides the training tiles.
@@ -80,6 +118,13 @@ class FitContext:
     progress: bool = True
     seed: int = 0
     batch_size: int = 8
+    # where and in what precision fitting runs (the model has been moved there already)
+    runtime: Runtime = field(default_factory=Runtime.cpu)
+    profile: bool = False  # time the parts of each step (``timer``)
+    timer: StepTimer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timer = StepTimer(self.runtime, self.profile)
 
     def seconds_left(self) -> float:
         if self.deadline is None:

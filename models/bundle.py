@@ -69,7 +69,11 @@ def save_bundle(directory: Path | str, model: AnomalyModel, manifest: Manifest) 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+        # host tensors in the plain layout, whatever device and layout the model runs in:
+        # a bundle loads anywhere (load_bundle reads to the CPU; the runtime moves it)
+        state = {
+            key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()
+        }
         save_file(state, str(staging / WEIGHTS), metadata={"model_type": model.model_type})
         text = json.dumps(manifest.model_dump(mode="json"), indent=2, allow_nan=False)
         (staging / MANIFEST).write_text(text + "\n")

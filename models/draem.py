@@ -37,7 +37,14 @@ Choices, and why:
   first skewed and stretched (models/augment.py): fabric-02 defect strips show the twill at
   another angle than the clean strips it trains on.
 - Layout: plain (contiguous) tensors. channels_last made a training step twice as slow here
-  (16/16 widths, batch 8: 9.6 s against 5.3 s on 256 px tiles, measured in one run).
+  (16/16 widths, batch 8: 9.6 s against 5.3 s on 256 px tiles, measured in one run); it is an
+  option of the runtime (``--channels-last``) for GPUs, where it feeds the tensor cores.
+- Devices (models/device.py): a step is a host-side data stage (``prepare_batch``: skew,
+  crops and anomaly synthesis, numpy and OpenCV on the CPU, in the order the seed fixes) and
+  the device stage (``learn``: forward under the runtime's autocast, backward, with a gradient
+  scaler for float16). On an accelerator the data stage of the next batch runs in a thread
+  while the device trains (models/epochs.py), so the same seed gives the same synthetic
+  batches on every device; on the CPU nothing changes.
 - Map: the softmax anomaly channel, optionally smoothed over fabric (``smoothing_sigma``), 0 off
   fabric. Score (the paper): the maximum over fabric of the map averaged over ``score_pool`` x
   ``score_pool`` windows (averaging over fabric pixels only); 0 without fabric.
@@ -60,8 +67,9 @@ from pydantic import Field
 from torch import nn
 
 from models.augment import AugmentConfig, random_affine
-from models.base import FitContext, ModelConfig, ModelOutput, TileData
+from models.base import FitContext, ModelConfig, ModelOutput, StepTimer, TileData
 from models.components import Reconstructor, group_norm, smooth_on_fabric, ssim_map, up_block
+from models.device import Runtime
 from models.epochs import fit_epochs
 from models.synthesis import SynthesisConfig, SynthesisMix
 
@@ -271,39 +279,74 @@ class Draem(Reconstructor):
         self, clean: torch.Tensor, augmented: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Total training loss on one synthesised batch, and its parts."""
+        return self._loss(clean, augmented, mask, valid, Runtime.cpu())
+
+    def _loss(
+        self,
+        clean: torch.Tensor,
+        augmented: torch.Tensor,
+        mask: torch.Tensor,
+        valid: torch.Tensor,
+        runtime: Runtime,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """:meth:`loss` with the networks under ``runtime``'s autocast; the losses in fp32."""
         normalised = self._normalise(augmented, valid)
         target = torch.where(valid, clean, normalised.centre)
         target = (target - normalised.centre) / normalised.spread
-        x_hat, logits = self._forward(normalised.x)
+        with runtime.autocast():
+            x_hat, logits = self._forward(normalised.x)
+        x_hat, logits = x_hat.float(), logits.float()  # no-ops in fp32
         weight = normalised.weight
         l2 = masked_mean((x_hat - target) ** 2, weight)
         ssim = 1.0 - masked_mean(ssim_map(target, x_hat, self.config.ssim_sigma), weight)
         focal = focal_loss(logits, mask, self.config.focal_gamma, weight)
         total = l2 + self.config.ssim_weight * ssim + focal
-        parts = {"loss": total.item(), "l2": l2.item(), "ssim_loss": ssim.item(),
-                 "focal": focal.item()}  # fmt: skip
+        # one transfer from the device for the four figures, not four
+        values = torch.stack([total, l2, ssim, focal]).detach().tolist()
+        parts = dict(zip(("loss", "l2", "ssim_loss", "focal"), values, strict=True))
         return total, parts
 
-    def _train_step(
+    def prepare_batch(
         self,
         tiles: torch.Tensor,
         valid: torch.Tensor,
-        lr: float,
-        optimiser: torch.optim.Optimizer,
         mix: SynthesisMix,
         rng: np.random.Generator,
         generator: torch.Generator,
-    ) -> dict[str, float]:
-        """One step on a batch at learning rate ``lr``; no step when the loss is not finite."""
-        for group in optimiser.param_groups:
-            group["lr"] = lr
+    ) -> tuple[torch.Tensor, ...]:
+        """The host-side data stage of a step: skew and crop (``vary``), then synthesise
+        anomalies. -> (tiles, valid, augmented, masks), all on the host."""
         tiles, valid = self.vary(tiles, valid, generator)
         augmented, masks = self.synthesise(tiles, valid, mix, rng)
-        loss, parts = self.loss(tiles, augmented, masks, valid)
+        return tiles, valid, augmented, masks
+
+    def learn(
+        self,
+        batch: tuple[torch.Tensor, ...],
+        lr: float,
+        optimiser: torch.optim.Optimizer,
+        runtime: Runtime,
+        scaler: torch.amp.GradScaler | None = None,
+        timer: StepTimer | None = None,
+    ) -> dict[str, float]:
+        """The device stage of a step at learning rate ``lr`` on a prepared batch; no step when
+        the loss is not finite."""
+        timer = timer or StepTimer()
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        with timer.stage("forward"):
+            tiles, valid, augmented, masks = (runtime.put(part) for part in batch)
+            loss, parts = self._loss(tiles, augmented, masks, valid, runtime)
         if math.isfinite(parts["loss"]):
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            with timer.stage("backward"):
+                optimiser.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                    optimiser.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimiser)
+                    scaler.update()
         return parts
 
     def _texture_tiles(self, tiles: TileData, rng: np.random.Generator) -> list[np.ndarray]:
@@ -314,17 +357,23 @@ class Draem(Reconstructor):
     def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
         if len(tiles) == 0:
             raise ValueError("no defect-free tiles to fit DRAEM on")
-        generator = torch.Generator().manual_seed(context.seed)
+        runtime = context.runtime
+        runtime.prepare(self)
+        generator = torch.Generator().manual_seed(context.seed)  # host: shuffling, data stage
         rng = np.random.default_rng(context.seed)
         mix = SynthesisMix(self.config.synthesis, self._texture_tiles(tiles, rng))
         optimiser = torch.optim.Adam(self.parameters(), lr=self.config.lr)
+        scaler = runtime.grad_scaler()
+
+        def prepare(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            return self.prepare_batch(batch[0], batch[1], mix, rng, generator)
 
         def train_batch(
-            progress: float, tiles: torch.Tensor, valid: torch.Tensor
+            progress: float, batch: tuple[torch.Tensor, ...]
         ) -> tuple[dict[str, float], dict[str, float]]:
             share = max(progress / self.config.max_epochs, 1 - context.budget_left())
             lr = scheduled_lr(self.config, share)
-            parts = self._train_step(tiles, valid, lr, optimiser, mix, rng, generator)
+            parts = self.learn(batch, lr, optimiser, runtime, scaler, context.timer)
             return parts, {"lr": lr}
 
         return fit_epochs(
@@ -337,6 +386,7 @@ class Draem(Reconstructor):
             loss_key="loss",
             name="draem",
             validate_every=self.config.validate_every,
+            prepare=prepare,
         )
 
     # ---- scoring ----------------------------------------------------------------------------
@@ -344,7 +394,7 @@ class Draem(Reconstructor):
     def predict(self, tiles: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
         normalised = self._normalise(tiles, valid)
         _, logits = self._forward(normalised.x)
-        anomaly = logits.softmax(dim=1)[:, 1:2]
+        anomaly = logits.float().softmax(dim=1)[:, 1:2]  # fp32 maps under any autocast
         maps = smooth_on_fabric(anomaly, normalised.weight, self.config.smoothing_sigma)
         scores = pooled_max_scores(maps, normalised.weight, self.config.score_pool)
         return ModelOutput(anomaly_map=maps[:, 0], score=scores)

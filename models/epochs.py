@@ -10,15 +10,28 @@ the end. Training time is not thrown away: the epoch the deadline cuts short cou
 time the last validation took is kept back from training so that the final state is scored
 before the deadline too. On a loaded CPU one DRAEM epoch can take minutes; discarding the
 unfinished one had left a 15-minute budget with a single epoch.
+
+Devices: a model may split its step into a host-side data stage (``prepare``: augmentation and
+anomaly synthesis on the CPU, in the order the seed fixes) and the device step (``train_batch``).
+On an accelerator the data stage of the next batch runs in a background thread while the device
+trains on this one (:class:`Prefetch`), in the same order, so the same seed draws the same
+batches on every device; on the CPU the two run one after the other, as they always did.
+With ``FitContext.profile`` the loop times each step's parts: ``data`` (the wait for the next
+prepared batch), and what the model times itself (``forward``, ``backward``), the device
+synchronised around each part; their means per step end in the summary (``step_*_ms``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -72,17 +85,85 @@ class EpochTotals:
 EpochStep = Callable[[int, float], EpochOutcome | None]
 
 
-def batches(loader: Iterable[Any], context: FitContext, epoch: int) -> Iterator[Any]:
+def batches(
+    loader: Iterable[Any], context: FitContext, epoch: int, total: int | None = None
+) -> Iterator[Any]:
     """The loader's batches with a progress bar of their own, gone when the epoch ends: on a
     CPU one epoch can take minutes, and the epoch bar alone would show nothing for that long.
     """
-    yield from tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not context.progress)
+    yield from tqdm(
+        loader, desc=f"epoch {epoch}", total=total, leave=False, disable=not context.progress
+    )
 
 
-# One training step on a batch, ``(progress, tiles, valid)`` -> (metrics averaged over the
+class Prefetch:
+    """The prepared batches of ``loader``, made ``depth`` ahead in a background thread.
+
+    Used on accelerators: the host prepares the next batch while the device trains on this one.
+    The batches come in the loader's order and are prepared one after the other, so random
+    draws happen in the same order as without it. Closing it (``with``) stops the thread.
+    """
+
+    _END = object()
+
+    def __init__(
+        self, loader: Iterable[Any], prepare: Callable[[Any], Any], depth: int = 2
+    ) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._work, args=(loader, prepare), name="loomwatch-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _work(self, loader: Iterable[Any], prepare: Callable[[Any], Any]) -> None:
+        try:
+            for batch in loader:
+                item = prepare(batch)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(self._END)
+        except BaseException as exc:  # handed to the training thread, raised there
+            self._queue.put(exc)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a worker waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+
+
+# One training step on a prepared batch, ``(progress, batch)`` -> (metrics averaged over the
 # epoch, values reported as at its last batch); ``progress`` counts epochs, fractions included.
 # The metrics hold "loss": fitting stops when it is not finite.
-BatchStep = Callable[[float, torch.Tensor, torch.Tensor], tuple[dict[str, float], dict[str, float]]]
+BatchStep = Callable[[float, Any], tuple[dict[str, float], dict[str, float]]]
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
 
 
 def train_epoch(
@@ -92,19 +173,31 @@ def train_epoch(
     epoch: int,
     stop_at: float,
     name: str,
+    prepare: Callable[[Any], Any] = _as_is,
 ) -> EpochTotals:
     """One pass over the tiles; stops early (finished=False) at ``stop_at`` or a NaN loss."""
     totals = EpochTotals()
     steps = len(loader)
-    for index, (tiles, valid) in enumerate(batches(loader, context, epoch)):
-        if time.monotonic() >= stop_at:
-            return totals
-        values, last = train_batch(epoch + index / steps, tiles, valid)
+    background = not context.runtime.on_cpu
+    source: Iterable[Any] = Prefetch(loader, prepare) if background else map(prepare, loader)
+    try:
+        stream = iter(batches(source, context, epoch, steps))
+        for index in range(steps):
+            if time.monotonic() >= stop_at:
+                return totals
+            with context.timer.stage("data", sync=False):
+                batch = next(stream, None)
+            if batch is None:
+                break
+            values, last = train_batch(epoch + index / steps, batch)
         if not math.isfinite(values["loss"]):
             log.warning("%s loss is not finite at epoch %d; fitting stops", name, epoch)
             totals.non_finite = True
             return totals
         totals.add(values, last)
+    finally:
+        if isinstance(source, Prefetch):
+            source.__exit__(None, None, None)
     totals.finished = True
     return totals
 
@@ -120,15 +213,23 @@ def fit_epochs(
     loss_key: str,
     name: str,
     validate_every: int = 1,
+    prepare: Callable[[Any], Any] = _as_is,
 ) -> dict[str, Any]:
-    """Fit by epochs of shuffled batches (shuffled by ``generator``) under the deadline, keeping
-    the best state (:func:`run_epochs`); returns the summary, with the number of tiles."""
+    """Fit by epochs of shuffled batches (shuffled by ``generator``, a host generator) under
+    the deadline, keeping the best state (:func:`run_epochs`); returns the summary, with the
+    number of tiles. ``prepare`` turns a loader batch (tiles, valid) into what ``train_batch``
+    takes: the host-side data stage (on accelerators, a batch ahead in a thread)."""
     loader: DataLoader[Any] = DataLoader(
-        tiles, batch_size=context.batch_size, shuffle=True, generator=generator
+        tiles,
+        batch_size=context.batch_size,
+        shuffle=True,
+        generator=generator,
+        pin_memory=context.runtime.device.type == "cuda",
     )
 
     def step(epoch: int, stop_at: float) -> EpochOutcome | None:
-        return train_epoch(loader, context, train_batch, epoch, stop_at, name).outcome()
+        totals = train_epoch(loader, context, train_batch, epoch, stop_at, name, prepare)
+        return totals.outcome()
 
     summary = run_epochs(
         model,
@@ -141,6 +242,7 @@ def fit_epochs(
         validate_every=validate_every,
     )
     summary["train_tiles"] = float(len(tiles))
+    summary.update(context.timer.summary())
     return summary
 
 

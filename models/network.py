@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from models.device import DeviceError, check_device_name, check_precision_name
 from models.manifest import PIPELINE_VERSION, BundleError, Manifest, file_sha256
 
 if TYPE_CHECKING:
     from models.base import AnomalyModel
+    from models.device import Runtime
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 # format -> the runtimes that can run it; "auto" picks the first one installed
@@ -37,6 +39,8 @@ class BackendError(RuntimeError):
 
 class Network(Protocol):
     backend: str
+    device: str  # where it runs: "cpu", "cuda:0", ...
+    precision: str  # "32", "bf16", "16-mixed" (torch); "fp32" or "int8" (exports)
 
     def run(self, tiles: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tiles [B,1,T,T] float32 in [0,1] and valid [B,1,T,T] bool -> maps [B,T,T] float32
@@ -45,23 +49,32 @@ class Network(Protocol):
 
 
 class TorchNetwork:
-    """A bundle's model run eagerly by PyTorch on the CPU."""
+    """A bundle's model run eagerly by PyTorch on the runtime's device and precision (without
+    one: fp32 where the model's tensors are); tiles go there, maps come back as host fp32."""
 
     backend = "torch"
 
-    def __init__(self, model: AnomalyModel, threads: int | None = None) -> None:
-        if threads:
-            import torch
+    def __init__(
+        self, model: AnomalyModel, threads: int | None = None, runtime: Runtime | None = None
+    ) -> None:
+        import torch
 
+        from models.device import Runtime, module_device
+
+        if threads:
             torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
-        self.model = model.eval()
+        self.runtime = runtime or Runtime(module_device(model))  # fp32 where the model is
+        self.runtime.prepare(model)
+        model.eval()
+        self.model: AnomalyModel = model
+        self.device = str(self.runtime.device)
+        self.precision = self.runtime.precision
 
     def run(self, tiles: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        with torch.inference_mode():
-            output = self.model.predict(torch.from_numpy(tiles), torch.from_numpy(valid))
-        return output.anomaly_map.float().numpy(), output.score.float().numpy()
+        output = self.runtime.predict(self.model, torch.from_numpy(tiles), torch.from_numpy(valid))
+        return output.anomaly_map.numpy(), output.score.numpy()
 
 
 class Streams:
@@ -127,6 +140,8 @@ class OnnxRuntimeNetwork:
     per run; ``threads`` runs at a time (:class:`Streams`). ORT's session is thread-safe."""
 
     backend = "onnxruntime"
+    device = "cpu"
+    precision = "fp32"  # of the graph as written: an int8 graph says so in its manifest
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -164,6 +179,7 @@ class OpenVinoNetwork:
     machine to the next)."""
 
     backend = "openvino"
+    device = "cpu"
 
     def __init__(self, path: Path, int8: bool, threads: int | None = None) -> None:
         import openvino as ov
@@ -183,6 +199,7 @@ class OpenVinoNetwork:
         except Exception as exc:  # OpenVINO raises RuntimeError with a long text
             raise BundleError(f"{path}: OpenVINO cannot load it ({_first_line(exc)})") from None
         self.int8 = int8
+        self.precision = "int8" if int8 else "fp32"
         self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(count):
             self.requests.put(self.compiled.create_infer_request())
@@ -246,18 +263,46 @@ def choose_backend(manifest: Manifest, backend: str, where: str) -> str:
     return backend
 
 
+def check_export_runtime(manifest: Manifest, device: str, precision: str, where: str) -> None:
+    """An exported model runs on the CPU in the precision it was exported in: DeviceError when
+    asked for another device or precision (``auto`` and ``32`` ask for nothing)."""
+    device, precision = check_device_name(device), check_precision_name(precision)
+    if manifest.export is None:
+        return
+    if device not in ("auto", "cpu"):
+        raise DeviceError(
+            f"{where} is an exported model, run on the CPU by ONNX Runtime or OpenVINO: device "
+            f"{device} needs the PyTorch bundle it came from ({manifest.export.source_uri})"
+        )
+    if precision != "32":
+        raise DeviceError(
+            f"{where} is an exported {manifest.export.precision} model: precision {precision} "
+            "applies to PyTorch bundles"
+        )
+
+
 def load_network(
-    directory: Path | str, manifest: Manifest, backend: str = "auto", threads: int | None = None
+    directory: Path | str,
+    manifest: Manifest,
+    backend: str = "auto",
+    threads: int | None = None,
+    device: str = "auto",
+    precision: str = "32",
+    channels_last: bool = False,
 ) -> Network:
-    """The network of the model folder ``directory``, on ``backend`` (see :data:`BACKENDS`)."""
+    """The network of the model folder ``directory``, on ``backend`` (see :data:`BACKENDS`),
+    ``device`` and ``precision`` (models/device.py; exported models run on the CPU)."""
     folder = Path(directory)
     chosen = choose_backend(manifest, backend, str(folder))
+    check_export_runtime(manifest, device, precision, str(folder))
     require_runtime(chosen)
     if manifest.export is None:
         from models.bundle import load_bundle
+        from models.device import Runtime
 
+        runtime = Runtime.resolve(device, precision, channels_last)  # before the weights load
         model, _ = load_bundle(folder)
-        return TorchNetwork(model, threads)
+        return TorchNetwork(model, threads, runtime)
     export = manifest.export
     if export.pipeline_version != PIPELINE_VERSION:
         raise BundleError(
@@ -275,5 +320,7 @@ def load_network(
             )
     network = folder / export.network
     if chosen == "onnxruntime":
-        return OnnxRuntimeNetwork(network, threads)
+        session = OnnxRuntimeNetwork(network, threads)
+        session.precision = export.precision
+        return session
     return OpenVinoNetwork(network, export.precision == "int8", threads)

@@ -224,17 +224,20 @@ def greedy_coreset(
     the (smaller) coreset chosen so far.
     """
     total = features.shape[0]
+    device = features.device
     if size >= total:
-        return torch.arange(total)
-    generator = torch.Generator().manual_seed(seed)
+        return torch.arange(total, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     if projection_dim and projection_dim < features.shape[1]:
-        projection = torch.randn(features.shape[1], projection_dim, generator=generator)
+        projection = torch.randn(
+            features.shape[1], projection_dim, generator=generator, device=device
+        )
         projection /= math.sqrt(projection_dim)
         reduced = torch.cat([chunk.float() @ projection for chunk in features.split(65536)])
     else:
         reduced = features.float()
     norms = reduced.pow(2).sum(1)
-    chosen = [int(torch.randint(total, (1,), generator=generator))]
+    chosen = [int(torch.randint(total, (1,), generator=generator, device=device))]
 
     def squared_distances(index: int) -> torch.Tensor:
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product, no N x d temporary.
@@ -248,7 +251,7 @@ def greedy_coreset(
         index = int(torch.argmax(nearest))
         chosen.append(index)
         torch.minimum(nearest, squared_distances(index), out=nearest)
-    return torch.tensor(chosen)
+    return torch.tensor(chosen, device=device)
 
 
 def nearest_distances(
@@ -256,8 +259,8 @@ def nearest_distances(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance from each query row to its nearest bank row, and that row's index."""
     query_norms = queries.pow(2).sum(1, keepdim=True)
-    best = torch.full((queries.shape[0],), float("inf"))
-    best_index = torch.zeros(queries.shape[0], dtype=torch.long)
+    best = torch.full((queries.shape[0],), float("inf"), device=queries.device)
+    best_index = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     for start in range(0, bank.shape[0], chunk_size):
         chunk = bank[start : start + chunk_size]
         squared = query_norms - 2.0 * queries @ chunk.T + chunk.pow(2).sum(1)[None]
@@ -306,8 +309,9 @@ class PatchCore(AnomalyModel):
                 module.momentum = None  # cumulative average over all batches
         self.extractor.train()
         seen = 0
+        runtime = context.runtime
         for tiles, valid in tqdm(loader, desc="batch-norm", disable=not context.progress):
-            self.extractor(tiles, valid)
+            self.extractor(runtime.put(tiles), runtime.put(valid))
             seen += tiles.shape[0]
             if seen >= self.config.batchnorm_tiles or context.budget_left() < 0.8:
                 break
@@ -318,26 +322,32 @@ class PatchCore(AnomalyModel):
         if len(tiles) == 0:
             raise ValueError("no defect-free tiles to fit PatchCore on")
         count = len(tiles)
+        runtime = context.runtime
+        runtime.prepare(self)
         loader: DataLoader[Any] = DataLoader(tiles, batch_size=context.batch_size, shuffle=False)
         adapt = self.config.adapt_batchnorm
         if adapt or (adapt is None and not self.config.pretrained and not self.config.weights_file):
             self._adapt_batchnorm(loader, context)
-        generator = torch.Generator().manual_seed(context.seed)
+        generator = runtime.generator(context.seed)  # on the device: augmentation, subsampling
         collected: list[torch.Tensor] = []
         seen_tiles = 0
         copies = self.config.augment.copies
         per_tile_cap = max(1, self.config.max_train_patches // (count * (1 + copies)))
         for batch, valid in tqdm(loader, desc="features", disable=not context.progress):
+            batch, valid = runtime.put(batch), runtime.put(valid)
             variants = [(batch, valid)]
             for _ in range(copies):
                 variants.append(random_affine(batch, valid, self.config.augment, generator))
             for tiles_in, valid_in in variants:
-                features = self.embed(tiles_in, valid_in)
+                with runtime.autocast():
+                    features = self.embed(tiles_in, valid_in).float()
                 keep = self.patch_validity(valid_in, (features.shape[-2], features.shape[-1]))
                 for feature, mask in zip(features, keep, strict=True):
                     rows = feature.permute(1, 2, 0)[mask]
                     if rows.shape[0] > per_tile_cap:
-                        pick = torch.randperm(rows.shape[0], generator=generator)[:per_tile_cap]
+                        pick = torch.randperm(
+                            rows.shape[0], generator=generator, device=generator.device
+                        )[:per_tile_cap]
                         rows = rows[pick]
                     collected.append(rows.clone())
             seen_tiles += batch.shape[0]
@@ -391,9 +401,17 @@ class PatchCore(AnomalyModel):
     def predict(self, tiles: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
         if self.memory_bank.shape[0] == 0:
             raise RuntimeError("PatchCore has an empty memory bank: fit it or load a bundle")
-        features = self.embed(tiles, valid)
-        batch, dim, height, width = features.shape
+        features = self.embed(tiles, valid).float()  # the bank search in fp32 under autocast
+        dim = features.shape[1]
         flat = features.permute(0, 2, 3, 1).reshape(-1, dim)
+        with torch.autocast(flat.device.type, enabled=False):  # distances in fp32
+            return self._score(tiles, valid, features, flat)
+
+    def _score(
+        self, tiles: torch.Tensor, valid: torch.Tensor, features: torch.Tensor, flat: torch.Tensor
+    ) -> ModelOutput:
+        """Nearest bank entries of the patch features -> maps and reweighted tile scores."""
+        batch, dim, height, width = features.shape
         distances, nearest = nearest_distances(flat, self.memory_bank, self.config.chunk_size)
         patch_scores = distances.reshape(batch, height, width)
         # The image score comes from each tile's highest patch on fabric (-1 marks none).

@@ -8,7 +8,7 @@ calibration and metrics); :meth:`Detector.predict` runs the whole path.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from models.postprocess import (
     postprocess,
     settle,
 )
-from models.preprocessing import DEFAULT_MAX_PIXELS, decode_image, valid_area
+from models.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, valid_area
 from models.tiling import Box, pad_to_tile, plan_tiles, stitch, valid_fraction
 
 if TYPE_CHECKING:
@@ -48,6 +48,20 @@ class Analysis:
     tile_valid: list[float]  # share of each tile on fabric
     score: float  # raw image score: the largest score of a tile with fabric
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Tiled:
+    """One image cut into tiles, before the network."""
+
+    image: np.ndarray
+    valid: np.ndarray
+    padded: np.ndarray
+    padded_valid: np.ndarray
+    boxes: list[Box]
+    pixels: np.ndarray  # uint8 [N,T,T]
+    masks: np.ndarray  # bool [N,T,T]
+    timings: dict[str, float]
 
 
 @dataclass
@@ -133,14 +147,29 @@ class Detector:
         batch_size: int | None = None,
         backend: str = "auto",
         threads: int | None = None,
+        device: str = "auto",
+        precision: str = "32",
+        channels_last: bool = False,
     ) -> Detector:
-        """The model folder at ``directory`` (a bundle or an exported model) on ``backend``."""
+        """The model folder at ``directory`` (a bundle or an exported model) on ``backend``,
+        ``device`` and ``precision`` (models/device.py)."""
         manifest = read_manifest(directory)
-        return cls(load_network(directory, manifest, backend, threads), manifest, batch_size)
+        network = load_network(
+            directory, manifest, backend, threads, device, precision, channels_last
+        )
+        return cls(network, manifest, batch_size)
 
     @property
     def backend(self) -> str:
         return self.network.backend
+
+    @property
+    def device(self) -> str:
+        return self.network.device
+
+    @property
+    def precision(self) -> str:
+        return self.network.precision
 
     @property
     def model(self) -> AnomalyModel | None:
@@ -158,7 +187,9 @@ class Detector:
             return source
         return decode_image(source, max_pixels=max_pixels)
 
-    def analyse(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Analysis:
+    def _tile(self, source: ImageSource, max_pixels: int) -> _Tiled:
+        """Decode, valid area, padding and the tiles of one image (the CPU work before the
+        network)."""
         timings: dict[str, float] = {}
         tile = self.pipeline.tile_size
         with _timed(timings, "decode"):
@@ -171,21 +202,71 @@ class Detector:
             boxes = plan_tiles(height, width, tile, self.pipeline.stride, padded_valid)
             pixels = np.stack([padded[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
             masks = np.stack([padded_valid[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
+        return _Tiled(image, valid, padded, padded_valid, boxes, pixels, masks, timings)
+
+    def _run(self, pixels: np.ndarray, masks: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
+        """The network over uint8 tiles [N,T,T] in batches of ``batch_size``."""
         maps: list[np.ndarray] = []
         scores: list[float] = []
-        with _timed(timings, "model"):
-            for start in range(0, len(boxes), self.batch_size):
-                batch = pixels[start : start + self.batch_size, None].astype(np.float32) / 255.0
-                batch_valid = masks[start : start + self.batch_size, None]
-                batch_maps, batch_scores = self.network.run(batch, batch_valid)
-                maps.extend(batch_maps)
-                scores.extend(float(s) for s in batch_scores)
+        for start in range(0, len(pixels), self.batch_size):
+            batch = pixels[start : start + self.batch_size, None].astype(np.float32) / 255.0
+            batch_valid = masks[start : start + self.batch_size, None]
+            batch_maps, batch_scores = self.network.run(batch, batch_valid)
+            maps.extend(batch_maps)
+            scores.extend(float(s) for s in batch_scores)
+        return maps, scores
+
+    @staticmethod
+    def _stitch(tiled: _Tiled, maps: list[np.ndarray], scores: list[float]) -> Analysis:
+        timings = tiled.timings
+        image, padded_valid, boxes = tiled.image, tiled.padded_valid, tiled.boxes
         with _timed(timings, "stitch"):
-            full = stitch(maps, boxes, *padded.shape)[: image.shape[0], : image.shape[1]]
+            full = stitch(maps, boxes, *tiled.padded.shape)[: image.shape[0], : image.shape[1]]
             fractions = [valid_fraction(padded_valid, box) for box in boxes]
             on_fabric = [s for s, f in zip(scores, fractions, strict=True) if f > 0]
             score = max(on_fabric) if on_fabric else 0.0
-        return Analysis(image, valid, full, boxes, scores, fractions, score, timings)
+        return Analysis(image, tiled.valid, full, boxes, scores, fractions, score, timings)
+
+    def analyse(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Analysis:
+        tiled = self._tile(source, max_pixels)
+        with _timed(tiled.timings, "model"):
+            maps, scores = self._run(tiled.pixels, tiled.masks)
+        return self._stitch(tiled, maps, scores)
+
+    def analyse_many(
+        self, sources: Sequence[ImageSource], max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> list[Analysis | ImageDecodeError]:
+        """:meth:`analyse` of several images with their tiles scored together: the network
+        runs over all of them in batches of ``batch_size`` (full batches across images). An
+        image that cannot be decoded gets its exception in its place; the others are scored.
+        Each image's ``model`` time is its share (by tiles) of the shared passes."""
+        prepared: list[_Tiled | ImageDecodeError] = []
+        for source in sources:
+            try:
+                prepared.append(self._tile(source, max_pixels))
+            except ImageDecodeError as exc:
+                prepared.append(exc)
+        tiled = [item for item in prepared if isinstance(item, _Tiled)]
+        if not tiled:
+            return [item for item in prepared if not isinstance(item, _Tiled)]
+        started = time.perf_counter()
+        maps, scores = self._run(
+            np.concatenate([item.pixels for item in tiled]),
+            np.concatenate([item.masks for item in tiled]),
+        )
+        seconds = time.perf_counter() - started
+        total = sum(len(item.boxes) for item in tiled)
+        results: list[Analysis | ImageDecodeError] = []
+        start = 0
+        for item in prepared:
+            if not isinstance(item, _Tiled):
+                results.append(item)
+                continue
+            stop = start + len(item.boxes)
+            item.timings["model"] = seconds * len(item.boxes) / total
+            results.append(self._stitch(item, maps[start:stop], scores[start:stop]))
+            start = stop
+        return results
 
     def predict(
         self,

@@ -53,7 +53,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models.base import FitContext, ModelConfig, ModelOutput, TileData
+from models.base import FitContext, ModelConfig, ModelOutput, StepTimer, TileData
 from models.components import (
     Normalised,
     Reconstructor,
@@ -62,6 +62,7 @@ from models.components import (
     ssim_map,
     up_block,
 )
+from models.device import Runtime
 from models.epochs import fit_epochs
 
 
@@ -194,8 +195,8 @@ class VAE(Reconstructor):
         """Reconstruction from a posterior sample (or its mean without a generator), mu, logvar."""
         mu, logvar = self.encoder(self._pad(x).contiguous(memory_format=torch.channels_last))
         z = mu
-        if generator is not None:
-            noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        if generator is not None:  # the generator lives where the network does
+            noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
             z = mu + (0.5 * logvar).exp() * noise
         x_hat = self.decoder(z)[..., : x.shape[-2], : x.shape[-1]]
         return x_hat, mu, logvar
@@ -213,28 +214,55 @@ class VAE(Reconstructor):
         beta: float,
         optimiser: torch.optim.Optimizer,
         generator: torch.Generator,
+        runtime: Runtime | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        timer: StepTimer | None = None,
     ) -> tuple[float, float, float]:
-        normalised = self._normalise(tiles, valid)
-        x_hat, mu, logvar = self._forward(normalised.x, generator)
-        recon = reconstruction_loss(normalised.x, x_hat, normalised.weight, self.config.recon_loss)
-        kl = kl_per_pixel(mu, logvar, normalised.x.numel())
-        loss = recon + beta * kl
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        return loss.item(), recon.item(), kl.item()
+        """One step on a host batch: moved to the runtime's device, forward under its autocast
+        (the losses in fp32), backward (scaled for float16)."""
+        runtime = runtime or Runtime.cpu()
+        timer = timer or StepTimer()
+        with timer.stage("forward"):
+            tiles, valid = runtime.put(tiles), runtime.put(valid)
+            normalised = self._normalise(tiles, valid)
+            with runtime.autocast():
+                x_hat, mu, logvar = self._forward(normalised.x, generator)
+            x_hat, mu, logvar = x_hat.float(), mu.float(), logvar.float()  # no-ops in fp32
+            recon = reconstruction_loss(
+                normalised.x, x_hat, normalised.weight, self.config.recon_loss
+            )
+            kl = kl_per_pixel(mu, logvar, normalised.x.numel())
+            loss = recon + beta * kl
+        with timer.stage("backward"):
+            optimiser.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                optimiser.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimiser)
+                scaler.update()
+        total, recon_value, kl_value = torch.stack([loss, recon, kl]).detach().tolist()
+        return total, recon_value, kl_value
 
     def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
         if len(tiles) == 0:
             raise ValueError("no defect-free tiles to fit the VAE on")
-        generator = torch.Generator().manual_seed(context.seed)
+        runtime = context.runtime
+        runtime.prepare(self)
+        generator = torch.Generator().manual_seed(context.seed)  # host: shuffling
+        noise = runtime.generator(context.seed, host=generator)  # the posterior samples
         optimiser = torch.optim.Adam(self.parameters(), lr=self.config.lr)
+        scaler = runtime.grad_scaler()
 
         def train_batch(
-            progress: float, tiles: torch.Tensor, valid: torch.Tensor
+            progress: float, batch: tuple[torch.Tensor, torch.Tensor]
         ) -> tuple[dict[str, float], dict[str, float]]:
             beta = kl_weight(self.config, progress)
-            loss, recon, kl = self._train_step(tiles, valid, beta, optimiser, generator)
+            tiles, valid = batch
+            loss, recon, kl = self._train_step(
+                tiles, valid, beta, optimiser, noise, runtime, scaler, context.timer
+            )
             # neg_elbo at the full beta: comparable across epochs of the warm-up
             neg_elbo = recon + self.config.beta * kl
             return {"loss": loss, "recon": recon, "kl": kl, "neg_elbo": neg_elbo}, {"beta": beta}
