@@ -49,7 +49,7 @@ COPY tracking ./tracking
 COPY models ./models
 COPY training ./training
 COPY app ./app
-RUN pip install "/src[train]" && python -c "import loomwatch.cli, app.main, tracking.uris"
+RUN pip install "/src[train,postgres]" && python -c "import loomwatch.cli, app.main, tracking.uris"
 
 # The bundle, readable by the service user (bundles are written owner-only), checked here so
 # that a wrong folder fails the build rather than the first start.
@@ -114,7 +114,7 @@ RUN groupadd --system --gid 10001 loomwatch \
     && useradd --system --uid 10001 --gid loomwatch --home-dir /var/lib/loomwatch \
         --shell /usr/sbin/nologin loomwatch \
     && mkdir -p /var/lib/loomwatch/data /var/lib/loomwatch/mlflow/db \
-        /var/lib/loomwatch/mlflow/artifacts \
+        /var/lib/loomwatch/mlflow/artifacts /var/lib/loomwatch/feedback-images \
     && chown -R loomwatch:loomwatch /var/lib/loomwatch
 
 # Every setting of app/settings.py can be given with `docker run -e NAME=value`.

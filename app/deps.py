@@ -9,6 +9,7 @@ from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import ApiError
+from app.feedback.store import FeedbackStore
 from app.metrics import Metrics
 from app.model import LoadedModel
 from app.schemas import MaskFormat, ScoreOptions, example
@@ -57,6 +58,17 @@ def get_model(scorer: ScorerDep) -> LoadedModel:
 
 
 ModelDep = Annotated[LoadedModel, Depends(get_model)]
+
+
+def get_store(request: Request) -> FeedbackStore:
+    store: FeedbackStore | None = request.app.state.feedback_store
+    if store is None:
+        detail = "no feedback database: the service runs with DATABASE_URL empty"
+        raise ApiError(503, "database_unavailable", detail)
+    return store
+
+
+StoreDep = Annotated[FeedbackStore, Depends(get_store)]
 
 
 def require_api_key(

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -85,11 +85,19 @@ def _where(location: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts)
 
 
+def _takes_a_form(request: Request) -> bool:
+    """Whether the route reads its body as a form (the uploads), not as JSON."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    body = getattr(dependant, "body_params", None) or []
+    return any(isinstance(field.field_info, params.Form) for field in body)
+
+
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     declared = request.headers.get("content-type", "")
     body_missing = any(error.get("loc", ("",))[0] == "body" for error in exc.errors())
-    if body_missing and declared and not declared.startswith("multipart/form-data"):
+    upload = body_missing and _takes_a_form(request)
+    if upload and declared and not declared.startswith("multipart/form-data"):
         detail = f"send images as multipart/form-data, not '{declared.split(';')[0]}'"
         return error_response(request, 415, "unsupported_media_type", detail)
     errors = [

@@ -16,6 +16,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import install_error_handlers
+from app.feedback.routes import feedback, install_feedback_errors
+from app.feedback.store import FeedbackStore, FeedbackUnavailableError
 from app.inference_log import InferenceLog
 from app.metrics import Metrics
 from app.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
@@ -45,6 +47,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.not_ready_reason = "loading the model"
     try:
         model = await run_in_threadpool(load_model, settings)
+        store = app.state.feedback_store = await run_in_threadpool(open_store, settings)
     except StartupError as exc:
         app.state.startup_error = str(exc)
         app.state.not_ready_reason = str(exc)
@@ -56,7 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.inference_log_backups,
         metrics.log_failures,
     )
-    app.state.scorer = Scorer(model, pool, inference_log, metrics, settings)
+    app.state.scorer = Scorer(model, pool, inference_log, metrics, settings, store)
     metrics.model.info({"name": model.name, "version": model.version, "type": model.type})
     metrics.ready.set(1)
     log.info("ready: %s version %s", model.name, model.version)
@@ -68,6 +71,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.ready.set(0)
         await run_in_threadpool(pool.shutdown)
         inference_log.close()
+        if store is not None:
+            store.close()
+
+
+def open_store(settings: Settings) -> FeedbackStore | None:
+    """The feedback database, migrated to the newest schema. One that is down does not stop
+    the service: scoring goes on, feedback answers 503, and the store retries on each use."""
+    if not settings.database_url:
+        return None
+    try:
+        store = FeedbackStore(
+            settings.database_url,
+            timeout_s=settings.database_timeout_s,
+            image_dir=settings.feedback_image_dir,
+            retention_days=settings.feedback_retention_days,
+            thumbnails=settings.feedback_thumbnails,
+        )
+    except (ValueError, ImportError) as exc:  # a malformed URL, a driver not installed
+        raise StartupError(f"DATABASE_URL: {str(exc).splitlines()[0]}") from None
+    try:
+        store.upgrade()
+        store.purge_expired()
+        log.info("feedback database %s ready", store.url)
+    except FeedbackUnavailableError as exc:
+        log.warning("%s; scoring goes on, predictions are not recorded until it is back", exc)
+    return store
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -85,11 +114,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
     app.state.scorer = None
+    app.state.feedback_store = None
     app.state.not_ready_reason = "the model is not loaded (start-up has not run)"
     app.state.startup_error = None
     install_error_handlers(app)
+    install_feedback_errors(app)
     app.include_router(probes)
     app.include_router(api)
+    app.include_router(feedback)
     install_pages(app)
     if settings.cors_origins:
         app.add_middleware(

@@ -77,6 +77,18 @@ class Metrics:
             "inference-log lines that could not be written",
             registry=r,
         )
+        self.feedback = Counter(
+            "loomwatch_feedback",
+            "feedback given on predictions, by verdict",
+            ["verdict"],
+            registry=r,
+        )
+        self.database_failures = Counter(
+            "loomwatch_feedback_database_failures",
+            "operations the feedback database refused or could not reach (predictions not "
+            "recorded, feedback answered 503)",
+            registry=r,
+        )
         self.ready = Gauge("loomwatch_ready", "1 when the model is loaded and warmed", registry=r)
         self.model = Info("loomwatch_model", "the model being served", registry=r)
         self._recent: deque[bool] = deque(maxlen=ANOMALY_WINDOW)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from app.settings import Settings
-from models.manifest import folder_digest
+from models.manifest import folder_digest, weights_digest
 from models.pipeline import Detector
 from models.postprocess import SuppressionSettings
 from tracking.uris import name_and_version, resolve_model_uri
@@ -31,10 +31,16 @@ class LoadedModel:
     digest: str
     suppression: SuppressionSettings  # service defaults: the bundle's, overridden by settings
     warmup_ms: float
+    weights: str = ""  # digest of the weights alone (models.manifest.weights_digest)
 
     @property
     def type(self) -> str:
         return self.detector.manifest.model_type
+
+    @property
+    def fabric(self) -> str | None:
+        fabric = self.detector.manifest.training.get("fabric")
+        return str(fabric) if fabric else None
 
 
 def bundle_digest(folder: Path) -> str:
@@ -63,6 +69,7 @@ def load_model(settings: Settings) -> LoadedModel:
         threads = settings.inference_threads or None
         detector = Detector.from_bundle(folder, backend=settings.backend, threads=threads)
         digest = bundle_digest(folder)
+        weights = weights_digest(folder)
         defaults = detector.suppression.model_dump() | settings.suppression_overrides()
         suppression = SuppressionSettings.model_validate(defaults)
         warmup_ms = warm_up(detector)
@@ -79,4 +86,4 @@ def load_model(settings: Settings) -> LoadedModel:
         time.perf_counter() - started,
         warmup_ms,
     )
-    return LoadedModel(detector, uri, name, version, digest, suppression, warmup_ms)
+    return LoadedModel(detector, uri, name, version, digest, suppression, warmup_ms, weights)

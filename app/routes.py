@@ -97,7 +97,8 @@ async def predict_batch(
         200: {
             "content": {"image/png": {}},
             "description": "PNG: heatmap over the fabric, kept regions in red, suppressed in "
-            "yellow, padding greyed. Headers X-Loomwatch-Score, -Decision and -Regions.",
+            "yellow, padding greyed. Headers X-Loomwatch-Score, -Decision, -Regions and "
+            "-Prediction-Id (when recorded).",
         },
         **_errors(400, 413, 415, 422, 503),
     },
@@ -122,6 +123,8 @@ async def predict_overlay(
         "X-Loomwatch-Decision": overlay.result.decision,
         "X-Loomwatch-Regions": str(len(overlay.result.regions)),
     }
+    if overlay.result.prediction_id:
+        headers["X-Loomwatch-Prediction-Id"] = overlay.result.prediction_id
     return Response(overlay.png, media_type="image/png", headers=headers)
 
 

@@ -141,6 +141,7 @@ class HeatmapOut(BaseModel):
 
 PREDICTION_EXAMPLE: dict[str, Any] = {
     "request_id": "5f0c1d7e9a2b4c6d8e0f1a2b3c4d5e6f",
+    "prediction_id": "0b6f3c9e2d4a4e71a8c5f1d2e3b4a596",
     "model": {"name": "fabric-02", "version": "3", "type": "patchcore"},
     "image": {
         "filename": "0044_019_04.png",
@@ -206,6 +207,11 @@ class PredictionResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": PREDICTION_EXAMPLE})
 
     request_id: str
+    prediction_id: str | None = Field(
+        default=None,
+        description="the id to give feedback on (POST /predictions/{id}/feedback); null when "
+        "the feedback database is off or could not record it",
+    )
     model: ModelRef
     image: ImageOut
     score: float = Field(description="normalised image score; the calibrated threshold is 0.5")

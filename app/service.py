@@ -7,15 +7,19 @@ lives here. The CPU work (decode, model, post-processing, PNG encoding) runs in 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from fastapi import UploadFile
+from starlette.concurrency import run_in_threadpool
 
 from app.errors import ApiError
+from app.feedback.store import FeedbackStore, FeedbackUnavailableError, NewPrediction
 from app.imaging import ImageInfo, probe_image, rle_counts
 from app.inference_log import InferenceLog
 from app.metrics import Metrics
@@ -35,12 +39,14 @@ from app.schemas import (
     SuppressionLog,
 )
 from app.settings import Settings
-from models.overlay import encode_png, heatmap, png_base64, render_overlay, wrap_wide
+from models.overlay import encode_png, heatmap, png_base64, render_overlay, thumbnail, wrap_wide
 from models.pipeline import Prediction
 from models.postprocess import SuppressionSettings
 from models.preprocessing import ImageDecodeError
 
 T = TypeVar("T")
+log = logging.getLogger("loomwatch.app")
+RECORD_BACKOFF_S = 5.0  # after the feedback database failed, predictions go unrecorded this long
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Scored:
     sha256: str
     started: float  # perf_counter when the worker took the job
     seconds: dict[str, float]  # pipeline stages, encode and inference (worker total)
+    thumbnail: bytes | None = None  # the overlay, small, for the review page's list
 
 
 @dataclass(frozen=True)
@@ -87,12 +94,15 @@ class Scorer:
         inference_log: InferenceLog,
         metrics: Metrics,
         settings: Settings,
+        store: FeedbackStore | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
         self.log = inference_log
         self.metrics = metrics
         self.settings = settings
+        self.store = store
+        self._record_after = 0.0  # monotonic time before which recording is not tried
         self.model_ref = ModelRef(name=model.name, version=model.version, type=model.type)
 
     # ---- reading uploads (on the event loop: header only, no decoding) ------------------------
@@ -129,16 +139,20 @@ class Scorer:
             height, width = prediction.normalized_map.shape
             picture_b64 = png_base64(heatmap(prediction.normalized_map))
             heat = HeatmapOut(width=width, height=height, png_base64=picture_b64)
-        picture = None
-        if overlay:
+        picture = small = None
+        keep_thumbnail = self.store is not None and self.store.thumbnails
+        if overlay or keep_thumbnail:
             rendered = render_overlay(prediction)
-            picture = encode_png(wrap_wide(rendered) if wrap else rendered)
+            if overlay:
+                picture = encode_png(wrap_wide(rendered) if wrap else rendered)
+            if keep_thumbnail:
+                small = encode_png(thumbnail(rendered))
         sha256 = hashlib.sha256(upload.data).hexdigest()
         finished = time.perf_counter()
         seconds = {k: v for k, v in prediction.timings.items() if k != "total"}
         seconds["encode"] = finished - encode_started
         seconds["inference"] = finished - started
-        return Scored(prediction, mask, heat, picture, sha256, started, seconds)
+        return Scored(prediction, mask, heat, picture, sha256, started, seconds, small)
 
     def _score_many(
         self, uploads: Sequence[Upload], options: ScoreOptions
@@ -243,6 +257,58 @@ class Scorer:
             entry["index"] = index
         self.log.append(entry)
 
+    # ---- the feedback database ---------------------------------------------------------------
+
+    def _new_prediction(
+        self, result: PredictionResponse, upload: Upload, scored: Scored
+    ) -> NewPrediction:
+        return NewPrediction(
+            id=uuid.uuid4().hex,
+            request_id=result.request_id,
+            filename=upload.filename,
+            image_sha256=scored.sha256,
+            image_format=upload.info.format,
+            width=result.image.width,
+            height=result.image.height,
+            model_name=self.model.name,
+            model_version=self.model.version,
+            model_digest=self.model.digest,
+            weights_digest=self.model.weights,
+            fabric=self.model.fabric,
+            decision=result.decision,
+            score=result.score,
+            raw_score=result.raw_score,
+            threshold=result.threshold,
+            raw_threshold=result.raw_threshold,
+            regions={
+                "kept": [region.model_dump() for region in result.regions],
+                "suppressed": [region.model_dump() for region in result.suppression.regions],
+            },
+            thumbnail_png=scored.thumbnail,
+            image=upload.data if self.settings.feedback_image_dir else None,
+        )
+
+    async def _remember(self, done: Sequence[tuple[PredictionResponse, Upload, Scored]]) -> None:
+        """Record scored images in the feedback database and answer their ids. A database that
+        is down costs the request nothing but its prediction_id (null): the image is scored."""
+        if self.store is None or not done:
+            return
+        if time.monotonic() < self._record_after:
+            self.metrics.database_failures.inc(len(done))
+            return
+        records = [self._new_prediction(*item) for item in done]
+        try:
+            await run_in_threadpool(self.store.record, records)
+        except FeedbackUnavailableError as exc:
+            self.metrics.database_failures.inc(len(done))
+            if self._record_after == 0.0 or time.monotonic() - self._record_after > 60.0:
+                log.warning("predictions are not recorded: %s", exc)
+            self._record_after = time.monotonic() + RECORD_BACKOFF_S
+            return
+        self._record_after = 0.0
+        for (result, _, _), record in zip(done, records, strict=True):
+            result.prediction_id = record.id
+
     # ---- the three ways to ask ---------------------------------------------------------------
 
     async def predict(
@@ -253,7 +319,9 @@ class Scorer:
         scored, submitted = await self._in_pool(
             lambda: self._score(upload, options, overlay=False, wrap=False)
         )
-        return self._respond(request_id, upload, scored, submitted, received, "/predict")
+        result = self._respond(request_id, upload, scored, submitted, received, "/predict")
+        await self._remember([(result, upload, scored)])
+        return result
 
     async def overlay(
         self, request_id: str, file: UploadFile, options: ScoreOptions, wrap: bool
@@ -270,6 +338,7 @@ class Scorer:
             lambda: self._score(upload, options, overlay=True, wrap=wrap)
         )
         result = self._respond(request_id, upload, scored, submitted, received, "/predict/overlay")
+        await self._remember([(result, upload, scored)])
         assert scored.overlay is not None
         return Overlay(scored.overlay, result)
 
@@ -295,6 +364,7 @@ class Scorer:
             outcomes, submitted = await self._in_pool(
                 lambda: self._score_many(uploads, options), images=len(uploads)
             )
+        done: list[tuple[PredictionResponse, Upload, Scored]] = []
         for (index, upload), outcome in zip(accepted, outcomes, strict=True):
             if isinstance(outcome, ApiError):
                 items[index] = _failed_item(index, upload.filename, outcome, request_id)
@@ -302,13 +372,19 @@ class Scorer:
             result = self._respond(
                 request_id, upload, outcome, submitted, received, "/predict/batch", index
             )
+            done.append((result, upload, outcome))
             items[index] = BatchItem(
                 index=index, filename=upload.filename, status=200, result=result
             )
-        done = [item for item in items if item is not None]
-        failed = sum(1 for item in done if item.error is not None)
+        await self._remember(done)
+        answered = [item for item in items if item is not None]
+        failed = sum(1 for item in answered if item.error is not None)
         return BatchResponse(
-            request_id=request_id, model=self.model_ref, count=len(done), failed=failed, items=done
+            request_id=request_id,
+            model=self.model_ref,
+            count=len(answered),
+            failed=failed,
+            items=answered,
         )
 
 

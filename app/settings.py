@@ -75,6 +75,31 @@ class Settings(BaseSettings):
     inference_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     inference_log_backups: int = Field(default=5, ge=0)
 
+    database_url: str | None = Field(
+        default="sqlite:///.loomwatch/feedback.db",
+        description="the feedback database (SQLAlchemy URL: sqlite:///FILE, "
+        "postgresql+psycopg://USER:PASSWORD@HOST/DB); empty: no predictions recorded, no feedback",
+    )
+    database_timeout_s: float = Field(
+        default=3.0, gt=0, description="seconds to wait for the feedback database before 503"
+    )
+    feedback_thumbnails: bool = Field(
+        default=True,
+        description="keep a small thumbnail (at most 512 x 128 px) of each prediction for the "
+        "review page; subject to the retention bound",
+    )
+    feedback_image_dir: Path | None = Field(
+        default=None,
+        description="keep each scored image here (a folder, or a mounted object store) for "
+        "review and calibration; unset: images are never kept",
+    )
+    feedback_retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="kept images and thumbnails older than this are deleted (predictions and "
+        "feedback stay)",
+    )
+
     api_key: SecretStr | None = Field(
         default=None, description="when set, required on every route but /health and /ready"
     )
@@ -89,7 +114,14 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
-    @field_validator("model_uri", "api_key", "inference_log_path", mode="before")
+    @field_validator(
+        "model_uri",
+        "api_key",
+        "inference_log_path",
+        "database_url",
+        "feedback_image_dir",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -61,6 +61,9 @@ class ExportInfo(BaseModel):
     opset: int | None = None
     calibration_images: int | None = Field(default=None, description="int8: images used")
     calibration_tiles: int | None = Field(default=None, description="int8: tiles used")
+    calibration_synthetic: int | None = Field(
+        default=None, description="int8: of those, tiles given a synthetic defect"
+    )
     versions: dict[str, str] = Field(default_factory=dict)
 
 
@@ -118,6 +121,16 @@ def folder_digest(directory: Path | str) -> str:
         with open(folder / name, "rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 sha.update(block)
+    return "sha256:" + sha.hexdigest()[:12]
+
+
+def weights_digest(directory: Path | str) -> str:
+    """``sha256:`` and 12 hex digits over the model's files alone (not the manifest): the same
+    for every calibration of the same weights, so raw scores with one digest are comparable."""
+    folder = Path(directory)
+    sha = hashlib.sha256()
+    for name in model_files(folder, read_manifest(folder)):
+        sha.update(file_sha256(folder / name).encode())
     return "sha256:" + sha.hexdigest()[:12]
 
 

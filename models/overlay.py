@@ -66,6 +66,13 @@ def render_overlay(
     return out
 
 
+def thumbnail(picture: np.ndarray, width: int = 512, height: int = 128) -> np.ndarray:
+    """The picture shrunk (never enlarged) to fit ``width`` x ``height``, keeping its shape."""
+    scale = min(width / picture.shape[1], height / picture.shape[0], 1.0)
+    size = (max(1, round(picture.shape[1] * scale)), max(1, round(picture.shape[0] * scale)))
+    return np.asarray(cv2.resize(picture, size, interpolation=cv2.INTER_AREA))
+
+
 def wrap_wide(picture: np.ndarray, max_ratio: float = 4.0) -> np.ndarray:
     """Cut a very wide strip into stacked rows (with a gap) so a person can see it."""
     height, width = picture.shape[:2]

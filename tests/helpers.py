@@ -159,6 +159,7 @@ def make_settings(bundle: Path, log_path: Path | None, **overrides: Any) -> Sett
         "api_key": None,
         "cors_origins": [],
         "inference_log_path": log_path,
+        "database_url": None,  # the feedback database: tests that use it name their own
         "inference_threads": 1,
         "inference_workers": 1,
         "max_queue_depth": 8,

@@ -121,7 +121,7 @@ def test_final_stage_runs_as_non_root_with_healthcheck_and_serving_command() -> 
 def test_the_full_image_installs_the_train_extra_with_cpu_torch_installed_first() -> None:
     (_, _, build), *_ = stages()
     installs = [args for op, args in build if op == "RUN" and "pip install" in args]
-    assert "torch==" in installs[0] and '"/src[train]"' in installs[1]
+    assert "torch==" in installs[0] and '"/src[train,postgres]"' in installs[1]
 
 
 def test_the_slim_target_serves_an_exported_model_without_torch_as_the_full_one_does() -> None:
@@ -219,9 +219,14 @@ def default_of(value: str, variable: str) -> str:
     return match.group(1)
 
 
+def ours(services: dict[str, Any]) -> list[dict[str, Any]]:
+    """The services that run the Loomwatch image (not PostgreSQL, Prometheus, Grafana)."""
+    return [service for service in services.values() if "build" in service]
+
+
 def test_compose_services_profiles_and_start_order(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"mlflow", "trainer", "api"}
+    assert {"mlflow", "trainer", "api", "postgres"} <= set(services)
     assert services["trainer"]["profiles"] == ["train"]
     assert "profiles" not in services["api"] and "profiles" not in services["mlflow"]
     api_deps = services["api"]["depends_on"]
@@ -230,7 +235,9 @@ def test_compose_services_profiles_and_start_order(compose: dict[str, Any]) -> N
     assert services["trainer"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert services["trainer"]["restart"] == "no"
     assert services["mlflow"]["healthcheck"]["test"][0] == "CMD"
-    for service in services.values():
+    assert api_deps["postgres"]["condition"] == "service_healthy"
+    assert services["postgres"]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    for service in ours(services):
         assert service["build"]["context"] == "."
         assert service["image"] == services["api"]["image"], "one image for all services"
 
@@ -262,6 +269,9 @@ def test_compose_volumes_are_declared_and_owned_by_the_service_user(
     used = set()
     for service in compose["services"].values():
         for volume in service.get("volumes", []):
+            if "build" not in service:  # another image: its own folders
+                used.add(volume.split(":")[0])
+                continue
             match = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):([^:]+)(:.*)?", volume)
             assert match, volume
             source, target = match.group(1), match.group(2)

@@ -91,6 +91,11 @@ def test_docs_cover_every_route_parameter_and_error(client: TestClient) -> None:
         "/ready",
         "/model",
         "/metrics",
+        "/predictions",
+        "/predictions/{prediction_id}",
+        "/predictions/{prediction_id}/thumbnail",
+        "/predictions/{prediction_id}/image",
+        "/predictions/{prediction_id}/feedback",
     }
     assert set(paths) == expected
     predict = paths["/predict"]["post"]
