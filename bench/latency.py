@@ -371,10 +371,10 @@ def make_exports(args: argparse.Namespace, directory: Path) -> list[Path]:
                 raise SystemExit(f"--export {name} needs --calibration-data DIR")
             from training.export import calibration_tiles
 
-            tiles, valid, _ = calibration_tiles(
+            drawn = calibration_tiles(
                 args.calibration_data, read_manifest(args.bundle), progress=False
             )
-            calibration = (tiles, valid)
+            calibration = (drawn.tiles, drawn.valid)
         started = time.perf_counter()
         export_bundle(
             args.bundle, out, fmt, source_uri=str(args.bundle), int8=int8,

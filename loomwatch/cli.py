@@ -44,6 +44,7 @@ BUILTIN_USER_ERRORS = (CliError, FileNotFoundError, NotADirectoryError, Permissi
 USER_ERRORS = {
     "models.manifest": ("BundleError",),
     "models.network": ("BackendError",),
+    "models.device": ("DeviceError",),
     "models.export": ("ExportError",),
     "models.patchcore": ("WeightsError",),
     "models.preprocessing": ("ImageDecodeError",),
@@ -125,6 +126,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must lie in [0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loomwatch", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -155,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--register", metavar="NAME", help="register the model as a new version of NAME"
     )
     train.add_argument("--alias", metavar="A", help="point alias A of NAME at the new version")
+    _runtime_options(train, training=True)
 
     evaluate = commands.add_parser("evaluate", help="metrics and an HTML report on labelled data")
     evaluate.add_argument("--model-uri", required=True)
@@ -164,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, dest="json_path")
     evaluate.add_argument("--report", type=Path, dest="report_dir")
     _backend_option(evaluate)
+    _runtime_options(evaluate)
 
     predict = commands.add_parser("predict", help="score images; write overlays and JSON")
     predict.add_argument("--model-uri", required=True)
@@ -171,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, default=Path("predictions"))
     predict.add_argument("--threshold", type=float, help="normalised image threshold (0.5)")
     _backend_option(predict)
+    _runtime_options(predict)
 
     export = commands.add_parser(
         "export",
@@ -191,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=256,
         help="at most this many defect-free tiles calibrate int8 (default 256)",
+    )
+    export.add_argument(
+        "--calibration-anomalies",
+        type=_share,
+        default=0.5,
+        metavar="SHARE",
+        help="share of the calibration tiles given a synthetic defect, so that int8 ranges "
+        "cover what defects do to the network (default 0.5; 0: defect-free tiles only)",
     )
     export.add_argument(
         "--register",
@@ -236,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--backend", help="runtime of the network: auto, torch, onnxruntime, openvino ($BACKEND)"
     )
+    serve.add_argument("--device", help=f"{DEVICE_HELP} ($DEVICE, default auto)")
+    serve.add_argument("--precision", help=f"{PRECISION_HELP} ($PRECISION, default 32)")
 
     batch = commands.add_parser(
         "batch",
@@ -284,7 +305,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-serve", action="store_true", help="stop after predict")
     demo.add_argument("--host", help="serve on this interface (default: $HOST or 127.0.0.1)")
     demo.add_argument("--port", type=int, help="serve on this port (default: $PORT or 8000)")
+    demo.add_argument("--device", help=f"{DEVICE_HELP} (default auto)")
+    demo.add_argument("--precision", help=f"{PRECISION_HELP} (default 32)")
     return parser
+
+
+DEVICE_HELP = (
+    "where the network runs: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, "
+    "cuda:N or mps"
+)
+PRECISION_HELP = "32 (fp32), bf16 (autocast; CUDA or CPU) or 16-mixed (float16; CUDA)"
+
+
+def _runtime_options(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    """--device and --precision (models/device.py); for train also channels-last and step
+    profiling. train's defaults come from the config's runtime section (auto, 32)."""
+    source = "the config's runtime section, else " if training else ""
+    parser.add_argument("--device", default=None if training else "auto",
+                        help=f"{DEVICE_HELP} (default: {source}auto)")  # fmt: skip
+    parser.add_argument("--precision", default=None if training else "32",
+                        help=f"{PRECISION_HELP} (default: {source}32)")  # fmt: skip
+    if training:
+        parser.add_argument(
+            "--channels-last",
+            action="store_true",
+            default=None,
+            help="convolutions in channels-last layout (helps GPUs with bf16/16-mixed)",
+        )
+        parser.add_argument(
+            "--profile-steps",
+            action="store_true",
+            help="time each training step's parts (data, forward, backward) and print the means",
+        )
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -360,6 +412,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError("--max-minutes must be positive")
     _check_registration(args.register, args.alias)
     config, _ = load_config(args.model, args.config, args.overrides)
+    runtime = _train_runtime(args, config)  # a device this machine lacks: one line, no run
     config_file = resolve_config_file(args.config) if args.config is not None else None
     dataset = load_dataset(args.data, fabric=args.fabric)  # the folder, its images, the fabric
     split = split_dataset(dataset, config.data.val_fraction, args.seed)  # images to train on
@@ -391,6 +444,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             callback=run.on_epoch,
             on_split=run.on_split,
+            runtime=runtime,
+            profile=args.profile_steps,
         )
         scope = f"{args.data} (validation split, fabric {args.fabric or 'all'})"
         run.log_result(result, config, config_file, scope)
@@ -401,8 +456,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     figures = "  ".join(f"{k}={metrics[k]:.4f}" for k in shown if k in metrics)
     print(
         f"trained {args.model} in {result.seconds['total']:.1f} s "
-        f"(fit {result.seconds['fit']:.1f} s)"
+        f"(fit {result.seconds['fit']:.1f} s) on {runtime.describe()['device_name']}, "
+        f"precision {runtime.precision}"
     )
+    fit_summary = result.manifest.training.get("fit_summary", {})
+    parts = [(k[5:-3], v) for k, v in fit_summary.items() if k.startswith("step_") and v]
+    if parts:
+        print("step: " + ", ".join(f"{name} {value:.1f} ms" for name, value in parts))
     print(f"validation: {figures}")
     print(_decision_line(metrics).replace("decisions", "validation decisions", 1))
     evidence = result.manifest.calibration.evidence
@@ -425,6 +485,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_runtime(args: argparse.Namespace, config: Any) -> Any:
+    """The runtime of ``train``: the flags over the config's runtime section (which the run
+    then records as used); DeviceError when this machine cannot run it."""
+    from models.device import Runtime, check_device_name, check_precision_name
+
+    if args.device is not None:
+        config.runtime.device = check_device_name(args.device)
+    if args.precision is not None:
+        config.runtime.precision = check_precision_name(args.precision)
+    if args.channels_last:
+        config.runtime.channels_last = True
+    chosen = config.runtime
+    return Runtime.resolve(chosen.device, chosen.precision, chosen.channels_last)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.pipeline import Detector
     from tracking.uris import resolve_model_uri
@@ -432,7 +507,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import analyse_samples, evaluation_summary, run_evaluation, write_outputs
 
     bundle = resolve_model_uri(args.model_uri)
-    detector = Detector.from_bundle(bundle, backend=args.backend)
+    detector = Detector.from_bundle(
+        bundle, backend=args.backend, device=args.device, precision=args.precision
+    )
     training = detector.manifest.training
     fabric = args.fabric if args.fabric is not None else training.get("fabric")
     dataset = load_dataset(args.data, fabric=fabric if args.split == "test" else args.fabric)
@@ -486,7 +563,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tracking.uris import resolve_model_uri
 
     bundle = resolve_model_uri(args.model_uri)
-    detector = Detector.from_bundle(bundle, backend=args.backend)
+    detector = Detector.from_bundle(
+        bundle, backend=args.backend, device=args.device, precision=args.precision
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in args.images:
@@ -519,7 +598,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(problem)
     from app.server import run
 
-    return run(model_uri=args.model_uri, host=args.host, port=args.port, backend=args.backend)
+    return run(
+        model_uri=args.model_uri,
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -536,18 +622,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_export_request(args.export_format, False, None)  # runtimes, before any work
     _check_registration(args.register, args.alias)
     bundle = resolve_model_uri(args.model_uri)
-    calibration, images = None, None
+    calibration, images, synthetic = None, None, None
     if args.int8:
         from training.export import calibration_tiles
 
-        tiles, valid, images = calibration_tiles(
+        drawn = calibration_tiles(
             args.calibration_data,
             read_manifest(bundle),
             fabric=args.fabric,
             limit=args.calibration_tiles,
+            anomaly_share=args.calibration_anomalies,
             progress=not args.quiet,
         )
-        calibration = (tiles, valid)
+        calibration, images, synthetic = (drawn.tiles, drawn.valid), drawn.images, drawn.synthetic
     say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
     out = export_bundle(
         bundle,
@@ -557,6 +644,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         int8=args.int8,
         calibration=calibration,
         calibration_images=images,
+        calibration_synthetic=synthetic,
         say=say,
     )
     sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in exported_size(out).items())
@@ -628,6 +716,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     alias champion -> evaluate and predict through the registry -> serve it."""
     # what its PatchCore training needs: the demo stops here, not after writing its data
     require_packages("demo", ("torch", "torchvision", "safetensors", "mlflow", "sklearn"))
+    from models.device import Runtime
+
+    runtime = ["--device", args.device or "auto", "--precision", args.precision or "32"]
+    Runtime.resolve(*runtime[1::2])  # a device this machine lacks: one line, before any work
     if not args.no_serve:  # a taken port fails now, not after minutes of training
         from app.listen import address_problem
 
@@ -645,9 +737,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         [*quiet, "train", "--model", "patchcore", "--data", str(data), "--out", str(bundle),
          "--max-minutes", str(args.max_minutes), "--config", "patchcore-cpu",
          "--set", "model.augment.copies=0",  # a quick model: no augmented copies
-         "--register", args.name, "--alias", "champion"],
+         "--register", args.name, "--alias", "champion", *runtime],
         [*quiet, "evaluate", "--model-uri", champion, "--data", str(data),
-         "--json", str(work / "metrics.json"), "--report", str(report)],
+         "--json", str(work / "metrics.json"), "--report", str(report), *runtime],
     ]  # fmt: skip
     for step in steps:
         print(f"$ loomwatch {' '.join(step)}", flush=True)
@@ -657,13 +749,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     defects = sorted((data / "Defect_images").glob("*.png"))[:2]
     normal = sorted((data / "NoDefect_images").rglob("*.png"))[:1]
     step = ["predict", "--model-uri", champion, *map(str, defects + normal)]
-    step += ["--out", str(work / "predictions")]
+    step += ["--out", str(work / "predictions"), *runtime]
     print(f"$ loomwatch {' '.join(step)}", flush=True)
     code = main([*quiet, *step])
     print(f"\ndemo done: bundle {bundle}, report {report / 'report.html'}, ")
     print(f"predictions in {work / 'predictions'}")
     print(f"registered: {champion}; `mlflow ui` in this folder shows the run and the model")
-    serve = ["serve", "--model-uri", champion]
+    serve = ["serve", "--model-uri", champion, *runtime]
     serve += ["--host", args.host] if args.host else []
     serve += ["--port", str(args.port)] if args.port is not None else []
     if code or args.no_serve:

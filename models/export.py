@@ -272,6 +272,7 @@ def export_bundle(
     int8: bool = False,
     calibration: tuple[np.ndarray, np.ndarray] | None = None,
     calibration_images: int | None = None,
+    calibration_synthetic: int | None = None,
     say: Callable[[str], None] = log.info,
 ) -> Path:
     """Export the bundle at ``source`` into the folder ``out`` (replaced if it exists).
@@ -323,6 +324,7 @@ def export_bundle(
             opset=OPSET,
             calibration_images=calibration_images if int8 else None,
             calibration_tiles=len(tiles) if int8 and tiles is not None else None,
+            calibration_synthetic=calibration_synthetic if int8 else None,
             versions=_versions(fmt, int8),
         )
         text = exported.model_dump_json(indent=2)

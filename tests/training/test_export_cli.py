@@ -33,6 +33,7 @@ def test_export_int8_then_predict_and_evaluate_through_it(
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["export"]["precision"] == "int8"
     assert manifest["export"]["calibration_tiles"] == 24
+    assert 0 < manifest["export"]["calibration_synthetic"] <= 12  # half of them, by default
     image = sorted((synth_data / "Defect_images").glob("*.png"))[0]
     predictions = tmp_path / "predictions"
     assert main(["predict", "--model-uri", str(out), str(image), "--out", str(predictions)]) == 0
