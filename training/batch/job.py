@@ -110,6 +110,12 @@ def run_batch(
     request: BatchRequest, say: Callable[[str], None] = lambda text: None
 ) -> BatchSummary:
     check_request(request)
+    if request.engine == "spark":  # before any work: no Java, no Spark
+        from training.batch.spark import SparkUnavailableError, java_problem
+
+        problem = java_problem()
+        if problem:
+            raise SparkUnavailableError(problem)
     started = time.perf_counter()
     out = request.output
     check_output(out)

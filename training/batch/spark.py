@@ -14,10 +14,12 @@ mount at the same place (``file://`` URIs are used, never the cluster's default 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -72,6 +74,9 @@ def spark_session(master: str | None, workers: int, progress: bool) -> SparkSess
         raise SparkUnavailableError(problem)
     from pyspark.sql import SparkSession
 
+    # pandas is not on the data path (Arrow batches are), so its version does not matter here
+    warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas", FutureWarning)
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # its INFO lines at every shutdown
     builder = SparkSession.builder.appName("loomwatch-batch")
     if master is None and not under_spark_submit():
         master = f"local[{workers}]"

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -27,7 +28,7 @@ from training.batch.schema import SCHEMA, describe_file, mask_to_rle, rle_to_mas
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def rows_by_path(out: Path) -> dict[str, dict[str, object]]:
+def rows_by_path(out: Path) -> dict[str, dict[str, Any]]:
     return {row["path"]: row for row in read_output(out).to_pylist()}
 
 
@@ -140,7 +141,7 @@ def test_rows_equal_predict_s_results(bundle: Path, archive: Path, tmp_path: Pat
         assert json.loads(row["regions"]) == expected["regions"]
         assert json.loads(row["suppressed"]) == expected["suppressed"]
         mask = cv2.imread(str(tmp_path / "predicted" / f"{stem}.mask.png"), cv2.IMREAD_GRAYSCALE)
-        assert np.array_equal(rle_to_mask(row["mask_rle"]), mask)
+        assert mask is not None and np.array_equal(rle_to_mask(row["mask_rle"]), mask)
         assert (row["width"], row["height"]) == (expected["image_size"]["width"],
                                                  expected["image_size"]["height"])  # fmt: skip
         assert row["error"] is None and row["engine"] == "local"
