@@ -37,6 +37,11 @@ def redoc() -> FileResponse:
     return _page("redoc.html")
 
 
+@pages.get("/ui")
+def review() -> FileResponse:
+    return _page("ui.html")
+
+
 def install_pages(app: FastAPI) -> None:
     """The page routes and the static files they load (vendor files first: /static matches
     every path below it)."""

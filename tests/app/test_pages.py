@@ -1,5 +1,7 @@
 """The browser pages work offline: Swagger UI, ReDoc and the review page load every script,
-style and image from the app itself, run no inline script, and keep a strict CSP."""
+style and image from the app itself, run no inline script, and keep a strict CSP; the review
+page's script writes what the service says as text only. (tests/app/test_browser.py drives the
+review page in a real browser.)"""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 from fastapi.testclient import TestClient
 
-PAGES = ("/docs", "/redoc")
+PAGES = ("/docs", "/redoc", "/ui")
 
 
 class _References(HTMLParser):
@@ -51,7 +53,7 @@ def csp_directives(header: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("path", PAGES)
-def test_the_docs_reference_no_other_host_and_every_file_is_served(
+def test_the_pages_reference_no_other_host_and_every_file_is_served(
     client: TestClient, path: str
 ) -> None:
     page = client.get(path)
@@ -65,18 +67,36 @@ def test_the_docs_reference_no_other_host_and_every_file_is_served(
         assert asset.status_code == 200, url
         assert len(asset.content) > 100, url
     scripts = [url for url in found.urls if url.endswith(".js")]
-    assert any("vendor" in url for url in scripts) and any("vendor" not in url for url in scripts)
+    assert any("vendor" not in url for url in scripts)  # ours starts the page
+    if path != "/ui":
+        assert any("vendor" in url for url in scripts)  # the viewer itself, from the package
 
 
 @pytest.mark.parametrize("path", PAGES)
-def test_the_docs_csp_allows_only_the_app_itself(client: TestClient, path: str) -> None:
+def test_the_pages_csp_allows_only_the_app_itself(client: TestClient, path: str) -> None:
     csp = csp_directives(client.get(path).headers["content-security-policy"])
     assert csp["default-src"] == ["'none'"]
     assert csp["script-src"] == ["'self'"]  # no inline script, no eval, no CDN
     assert csp["connect-src"] == ["'self'"]
-    assert csp["frame-ancestors"] == ["'none'"]
+    assert csp["frame-ancestors"] == ["'none'"] and csp["form-action"] == ["'none'"]
     for sources in csp.values():
         assert not any("http" in source or "*" in source for source in sources), sources
+
+
+def test_the_review_page_allows_no_inline_style_either(client: TestClient) -> None:
+    csp = csp_directives(client.get("/ui").headers["content-security-policy"])
+    assert csp["style-src"] == ["'self'"]
+    assert csp["img-src"] == ["'self'", "data:", "blob:"]  # the upload, heatmap, thumbnails
+
+
+def test_the_review_script_writes_text_only(client: TestClient) -> None:
+    """No API for markup anywhere in the script: names and notes can only ever be text."""
+    script = client.get("/static/ui.js").text
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "new Function", "setAttribute(\"style", "srcdoc"):  # fmt: skip
+        assert sink not in script, sink
+    assert "textContent" in script
+    assert "X-API-Key" in script and "?key" not in script and "&key" not in script
 
 
 def test_the_viewers_are_started_by_scripts_of_ours_on_the_apps_schema(
