@@ -92,7 +92,7 @@ class Watch:
         self.urls: list[str] = []
         self.finished: list[str] = []
         self.errors: list[str] = []
-        page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("dialog", self.on_dialog)
         page.on("request", lambda request: self.urls.append(request.url))
         page.on("requestfinished", lambda request: self.finished.append(request.url))
         page.on("pageerror", lambda error: self.errors.append(str(error)))
@@ -100,6 +100,10 @@ class Watch:
             "console",
             lambda message: self.errors.append(message.text) if message.type == "error" else None,
         )
+
+    def on_dialog(self, dialog: Any) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
 
 
 def test_review_page_scores_a_strip_and_stores_a_false_alarm(
