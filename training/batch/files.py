@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 from training.batch.schema import ImageFile, describe_file
@@ -14,6 +15,11 @@ MASK_FOLDER = "mask_images"  # AITEX ground-truth masks: labels, not strips to s
 
 class BatchInputError(ValueError):
     """The input names no file to score; the message says which and why, in one line."""
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and normalised, links kept: a row names the file as the archive does."""
+    return Path(os.path.abspath(path))
 
 
 def _glob_root(pattern: str) -> Path:
@@ -36,17 +42,17 @@ def find_images(spec: str) -> tuple[Path, list[ImageFile]]:
     gets a row that says so. A single file: that file.
     """
     if GLOB_CHARACTERS & set(spec):
-        root = _glob_root(spec).resolve()
-        paths = [Path(p).resolve() for p in glob.glob(spec, recursive=True)]
+        root = _absolute(_glob_root(spec))
+        paths = [_absolute(Path(p)) for p in glob.glob(spec, recursive=True)]
         paths = [p for p in paths if p.is_file()]
         if not paths:
             raise BatchInputError(f"--input {spec}: the pattern matches no file")
     else:
         given = Path(spec).expanduser()
         if given.is_file():
-            root, paths = given.parent.resolve(), [given.resolve()]
+            root, paths = _absolute(given.parent), [_absolute(given)]
         elif given.is_dir():
-            root = given.resolve()
+            root = _absolute(given)
             paths = [
                 p
                 for p in walk_images(root)

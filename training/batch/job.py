@@ -91,6 +91,8 @@ def check_request(request: BatchRequest) -> None:
         raise BatchSettingsError("--master needs --engine spark")
     if request.checkpoint_every < 1:
         raise BatchSettingsError("--checkpoint-every must be at least 1")
+    if request.max_bytes < 1:
+        raise BatchSettingsError("--max-bytes must be at least 1")
     if request.worst < 0:
         raise BatchSettingsError("--worst must be >= 0")
 
@@ -123,6 +125,7 @@ def run_batch(
     say(f"{len(images)} images below {root}")
     folder, model, detector = resolve_model(request.model_uri, request.backend)
     say(f"model {model.name} version {model.version} ({model.type}, {model.digest})")
+    out.parent.mkdir(parents=True, exist_ok=True)
     done = done_paths(out, model.digest)
     todo = [image for image in images if image.path not in done]
     resumed = len(images) - len(todo)

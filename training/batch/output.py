@@ -55,9 +55,9 @@ def check_output(out: Path) -> None:
             f"--output {out}: exists and is not a loomwatch batch output ({MARKER} missing); "
             "choose another path"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError(f"--output {out}: cannot write in {out.parent}")
+    ancestor = next(folder for folder in out.absolute().parents if folder.exists())
+    if not os.access(ancestor, os.W_OK):  # the new output is written beside the old one
+        raise OutputError(f"--output {out}: cannot write in {ancestor}")
 
 
 def partitioning() -> ds.Partitioning:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 
 from loomwatch.cli import main
-from tests.helpers import one_line_error, wait_until
+from tests.helpers import one_line_error, train_cli, wait_until
 from training.batch.files import BatchInputError, find_images
 from training.batch.job import BatchRequest, run_batch
 from training.batch.output import MARKER, OutputError, check_output, read_output, work_folder
@@ -53,6 +53,12 @@ def test_mask_rle_is_coco_column_major_and_round_trips() -> None:
     for _ in range(20):
         random = (rng.random((7, 11)) > 0.6).astype(np.uint8) * 255
         assert np.array_equal(rle_to_mask(json.dumps(mask_to_rle(random))), random)
+
+
+def test_the_docs_describe_every_column() -> None:
+    page = (ROOT / "docs" / "batch.md").read_text()
+    for name in SCHEMA.names:
+        assert f"| `{name}`" in page or f"`{name}`, `" in page or f", `{name}` |" in page, name
 
 
 def test_folders_give_fabric_roll_and_defect_code(tmp_path: Path) -> None:
@@ -289,3 +295,20 @@ def test_report_per_fabric_and_roll(bundle: Path, archive: Path, tmp_path: Path)
         assert (report / strip["overlay"]).read_bytes().startswith(b"\x89PNG")
     page = (report / "report.html").read_text()
     assert "Fabric 00" in page and "roll-a" in page and fabric["histogram_png"] in page
+
+
+@pytest.mark.slow
+def test_a_registered_model_is_pinned_to_its_version(
+    synth_data: Path, archive: Path, tmp_path: Path
+) -> None:
+    """models:/NAME@ALIAS through the tracking store: rows name the version behind the alias."""
+    assert train_cli(synth_data, tmp_path / "bundle", "--register", "batch-fabric",
+                     "--alias", "champion") == 0  # fmt: skip
+    out = tmp_path / "out.parquet"
+    summary = run_batch(
+        BatchRequest("models:/batch-fabric@champion", str(archive), out, progress=False)
+    )
+    assert summary.exit_code == 0
+    rows = read_output(out).to_pylist()
+    assert {(r["model_name"], r["model_version"]) for r in rows} == {("batch-fabric", "1")}
+    assert {r["model_uri"] for r in rows} == {"models:/batch-fabric@champion"}
