@@ -46,6 +46,7 @@ INPUT_SCHEMA = pa.schema(
         ("file_bytes", pa.int64()),
     ]
 )
+HADOOP_GLOB = frozenset("[]{}*?\\")
 TASKS_PER_CORE = 4  # smaller tasks balance uneven strips; each costs little once the model is in
 
 
@@ -124,7 +125,14 @@ def _paths_frame(spark: SparkSession, images: Sequence[ImageFile]) -> DataFrame:
 
 
 def _uri(path: Path) -> str:
-    return path.resolve().as_uri()
+    """A local path as Hadoop reads it: ``file://`` and the path unescaped (Hadoop's ``Path``
+    quotes it itself; a percent-encoded URI would name another folder)."""
+    return "file://" + str(path.resolve())
+
+
+def _read_uri(path: Path) -> str:
+    """:func:`_uri` for reading, where Hadoop expands globs: ``[``, ``*``... taken literally."""
+    return "".join(f"\\{c}" if c in HADOOP_GLOB else c for c in _uri(path))
 
 
 def run_spark(
@@ -171,12 +179,12 @@ def write_output_spark(
     this_model = F.col("model_digest") == F.lit(digest)
     parts = []
     if (out / MARKER).is_file():
-        previous = spark.read.schema(schema).parquet(_uri(out))
+        previous = spark.read.schema(schema).parquet(_read_uri(out))
         parts.append(previous.where(this_model & F.col("error").isNull()).select(*SCHEMA.names))
     work = work_folder(out)
     if work.is_dir():
         current = spark.read.schema(schema).option("recursiveFileLookup", "true")
-        parts.append(current.parquet(_uri(work)).where(this_model).select(*SCHEMA.names))
+        parts.append(current.parquet(_read_uri(work)).where(this_model).select(*SCHEMA.names))
     wanted = spark.createDataFrame([(p,) for p in sorted(set(paths))], "path string")
     staging = staging_folder(out)
     try:

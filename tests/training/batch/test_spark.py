@@ -39,7 +39,8 @@ def test_spark_rows_equal_the_local_engine_s_and_predict_s(
     (source / "Defect_images" / "0090_002_00.png").write_bytes(strip.read_bytes()[:400])
     (source / "misc").mkdir()
     shutil.copy(strip, source / "misc" / "strip.png")  # a name that is not AITEX: no fabric
-    local, spark = tmp_path / "local.parquet", tmp_path / "spark.parquet"
+    local = tmp_path / "local.parquet"
+    spark = tmp_path / "spark out [2].parquet"  # Hadoop reads [...] as a glob, a space as %20
     assert run_batch(BatchRequest(str(bundle), str(source), local, progress=False)).exit_code == 1
     request = BatchRequest(str(bundle), str(source), spark, engine="spark", workers=2)
     summary = run_batch(replace(request, progress=False, checkpoint_every=4))
