@@ -58,6 +58,7 @@ USER_ERRORS = {
     "training.batch.job": ("BatchSettingsError",),
     "training.batch.output": ("OutputError",),
     "training.batch.spark": ("SparkUnavailableError",),
+    "app.feedback.store": ("FeedbackUnavailableError",),
 }
 
 
@@ -65,7 +66,7 @@ USER_ERRORS = {
 # models). A command that always needs more than the core names its own extra; predict and serve
 # need one only for some models (a PyTorch bundle, an MLflow URI): the missing package decides.
 COMMAND_EXTRAS = {"train": "train", "evaluate": "train", "promote": "train", "demo": "train",
-                  "export": "export", "batch": "batch"}  # fmt: skip
+                  "export": "export", "batch": "batch", "calibrate": "train"}  # fmt: skip
 PACKAGE_EXTRAS = {
     "torch": "torch", "torchvision": "torch", "safetensors": "torch",
     "mlflow": "tracking", "pandas": "tracking", "sklearn": "train", "matplotlib": "train",
@@ -218,6 +219,37 @@ def build_parser() -> argparse.ArgumentParser:
         "version of NAME",
     )
     export.add_argument("--alias", metavar="A", help="point alias A of NAME at the new version")
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="re-fit a model's thresholds without retraining, from labelled data or from "
+        "operators' feedback; writes a new model folder with the same weights",
+    )
+    calibrate.add_argument("--model-uri", required=True)
+    evidence = calibrate.add_mutually_exclusive_group(required=True)
+    evidence.add_argument(
+        "--data", type=Path, help="labelled images (any layout train reads; masks fit regions)"
+    )
+    evidence.add_argument(
+        "--feedback",
+        metavar="DATABASE_URL",
+        help="the service's feedback database (sqlite:///FILE, postgresql+psycopg://...)",
+    )
+    calibrate.add_argument("--fabric", help="with --data: one AITEX fabric or MVTec category")
+    calibrate.add_argument(
+        "--split",
+        choices=("auto", "test", "all"),
+        default="auto",
+        help="with --data: test = the model's validation split of its training data; all = "
+        "every image; auto (default): test when DIR is the training data, else all",
+    )
+    calibrate.add_argument("--out", type=Path, help="new model folder (default runs/calibrated-*)")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument(
+        "--register", metavar="NAME", help="log it to MLflow and register it as a new version"
+    )
+    calibrate.add_argument("--alias", metavar="A", help="point alias A of NAME at the new version")
+    _backend_option(calibrate)
 
     promote = commands.add_parser(
         "promote",
@@ -663,6 +695,63 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tracking.uris import resolve_model_uri
+    from training.recalibrate import describe, recalibrate_on_data, recalibrate_on_feedback
+
+    _check_registration(args.register, args.alias)
+    if args.data is None and (args.fabric or args.split != "auto"):
+        raise CliError("--fabric and --split go with --data")
+    out = args.out or Path("runs") / time.strftime("calibrated-%Y%m%d-%H%M%S")
+    model = resolve_model_uri(args.model_uri)
+    if args.data is not None:
+        result = recalibrate_on_data(
+            model,
+            args.data,
+            out,
+            fabric=args.fabric,
+            split=args.split,
+            backend=args.backend,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    else:
+        from app.feedback.store import FeedbackStore, safe_url
+        from models.manifest import weights_digest
+
+        try:
+            store = FeedbackStore(args.feedback)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        try:
+            reviewed = store.labelled_scores(weights_digest(model))
+        finally:
+            store.close()
+        source = safe_url(args.feedback)
+        result = recalibrate_on_feedback(model, reviewed, out, source=source, seed=args.seed)
+    print(describe(result.evidence, result.before, result.manifest.calibration))
+    print(f"bundle: {result.folder}")
+    if not args.register:
+        print(f"model URI: {result.folder}")
+        return 0
+    from training.runs import log_recalibration
+
+    run = log_recalibration(
+        result.folder,
+        args.model_uri,
+        result.evidence,
+        result.description(),
+        args.register,
+        args.alias,
+        progress=not args.quiet,
+    )
+    print(f"MLflow run: {run.run_id} (store {run.store})")
+    print(f"model URI: {run.model_uri}")
+    if args.alias:
+        print(f"alias: models:/{args.register}@{args.alias}")
+    return 0
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     """Exit 0 whether or not the alias moved: "not promoted: <why>" is an answer, not an error."""
     from tracking.store import use_tracking_store
@@ -772,6 +861,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "promote": cmd_promote,
     "export": cmd_export,
+    "calibrate": cmd_calibrate,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "batch": cmd_batch,

@@ -23,6 +23,7 @@ TAG = "loomwatch."  # prefix of our run and model-version tags
 VERSION_TAGS = (
     "model_type", "fabric", "data_fingerprint", "validation_fingerprint", "git_commit",
     "export.format", "export.precision", "export.source_uri",  # a version made by an export
+    "calibration.source_uri", "calibration.evidence",  # by `loomwatch calibrate`
 )  # fmt: skip
 
 
@@ -34,11 +35,19 @@ def version_tags(run_tags: Mapping[str, str]) -> dict[str, str]:
 
 
 def register_version(
-    model_uri: str, name: str, alias: str | None, tags: Mapping[str, str]
+    model_uri: str,
+    name: str,
+    alias: str | None,
+    tags: Mapping[str, str],
+    description: str | None = None,
 ) -> ModelVersion:
-    """A new version of `name` from a logged model, then the alias; all or nothing."""
+    """A new version of `name` from a logged model, its description, then the alias; all or
+    nothing."""
     version = mlflow.register_model(model_uri, name, tags=dict(tags))
     try:
+        if description:
+            client = mlflow.MlflowClient()
+            version = client.update_model_version(name, version.version, description=description)
         if alias:
             set_alias(name, alias, str(version.version))
     except BaseException:

@@ -321,3 +321,25 @@ def fit_regions(
         **figures,
     }
     return fitted, settings, evidence
+
+
+def fit_operating_point(
+    detector: Detector,
+    analysed: Sequence[LabelledAnalysis],
+    config: CalibrationConfig,
+    suppression: SuppressionSettings,
+    seed: int = 0,
+) -> tuple[Calibration, SuppressionSettings]:
+    """The whole calibration of labelled, analysed images, as training does it: the image
+    threshold by the configured rule, the pixel threshold, and (with ``fit_regions`` and defect
+    masks) the region settings by region F1; the evidence is in the calibration."""
+    samples = CalibrationSamples(rate=config.negative_pixel_rate, seed=seed)
+    for label, analysis, mask in analysed:
+        samples.add(analysis.score, label, analysis.anomaly_map, analysis.valid, mask)
+    calibration = fit_calibration(samples, config, seed)
+    if config.fit_regions:
+        calibration, suppression, regions = fit_regions(
+            detector, analysed, calibration, samples, suppression
+        )
+        calibration.evidence["regions"] = regions
+    return calibration, suppression

@@ -245,13 +245,16 @@ class TrainingRun:
             )
         return self.model_info
 
-    def register(self, name: str, alias: str | None) -> ModelVersion:
+    def register(
+        self, name: str, alias: str | None, description: str | None = None
+    ) -> ModelVersion:
         """A new version of `name` from this run's logged model, then the alias; all or nothing."""
         if self.model_info is None:
             raise TrackingError("nothing to register: the model was not logged")
         run = self.client.get_run(self.run_id)
         tags = version_tags(run.data.tags)
-        self.version = register_version(self.model_info.model_uri, name, alias, tags)
+        uri = self.model_info.model_uri
+        self.version = register_version(uri, name, alias, tags, description)
         return self.version
 
 
@@ -375,6 +378,83 @@ def log_export(
         run.log_model(folder, manifest, fabric_example(manifest.pipeline.tile_size))
         if name:
             run.register(name, alias)
+    return run
+
+
+# ---- the run of a recalibration ---------------------------------------------------------------
+
+
+def recalibration_run_tags(manifest: Manifest, source_uri: str, evidence: str) -> dict[str, str]:
+    """What the weights were trained on (the source run's tags when it is an MLflow model, else
+    the manifest's), the export they run as, and where the new calibration came from."""
+    training = manifest.training
+    tags = run_tags(manifest.model_type, training.get("fabric"), Path(training.get("data", "")))
+    if "fingerprint" in training:
+        tags[f"{TAG}data_fingerprint"] = str(training["fingerprint"])
+    run_id = source_run_id(source_uri)
+    if run_id is not None:
+        with mlflow_errors(source_uri):
+            source = mlflow.MlflowClient().get_run(run_id).data.tags
+        kept = {f"{TAG}{key}" for key in (*SOURCE_TAGS, "export.format", "export.precision")}
+        tags.update({key: value for key, value in source.items() if key in kept})
+        tags[f"{TAG}calibration.source_run"] = run_id
+    if manifest.export is not None:
+        tags[f"{TAG}export.format"] = manifest.export.format
+        tags[f"{TAG}export.precision"] = manifest.export.precision
+    tags[f"{TAG}calibration.source_uri"] = source_uri
+    tags[f"{TAG}calibration.evidence"] = evidence
+    return tags
+
+
+def log_recalibration(
+    folder: Path,
+    source_uri: str,
+    evidence: Mapping[str, Any],
+    description: str,
+    name: str | None,
+    alias: str | None,
+    *,
+    progress: bool = False,
+) -> TrainingRun:
+    """Log the recalibrated model folder as a run of its own (the evidence as an artifact and
+    the description as the run's note) and register it, with the description, as a new version
+    of ``name`` when a name is given."""
+    manifest = read_manifest(folder)
+    use_tracking_store(progress=progress)
+    tags = recalibration_run_tags(manifest, source_uri, str(evidence["source"]))
+    tags["mlflow.note.content"] = description
+    calibration = manifest.calibration
+    with training_run(f"calibrate-{folder.name}", tags, progress=progress) as run:
+        params = flatten(manifest.training.get("full_config") or {})
+        params.update(
+            flatten(
+                {
+                    "source_uri": source_uri,
+                    "evidence": evidence["source"],
+                    "image_threshold": calibration.image_threshold,
+                    "pixel_threshold": calibration.pixel_threshold,
+                    "method": calibration.method,
+                },
+                "recalibration.",
+            )
+        )
+        mlflow.log_params(params)
+        for when in ("before", "after"):
+            rates = evidence[when]
+            figures = {
+                f"{when}/false_alarm_rate": rates["false_alarms"] / rates["defect_free"]
+                if rates["defect_free"]
+                else math.nan,
+                f"{when}/detection_rate": rates["defects_caught"] / rates["defects"]
+                if rates["defects"]
+                else math.nan,
+            }
+            mlflow.log_metrics(finite_metrics(figures))
+        mlflow.log_dict(dict(evidence), "calibration/evidence.json")
+        mlflow.log_text(description, "calibration/description.txt")
+        run.log_model(folder, manifest, fabric_example(manifest.pipeline.tile_size))
+        if name:
+            run.register(name, alias, description)
     return run
 
 
