@@ -15,6 +15,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from app.drift import WindowStats
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ANOMALY_WINDOW = 100
 
@@ -89,6 +91,36 @@ class Metrics:
             "recorded, feedback answered 503)",
             registry=r,
         )
+        by_model = ["model", "fabric"]
+        self.drift_psi = Gauge(
+            "loomwatch_score_drift_psi",
+            "population-stability index of the raw image scores of the latest DRIFT_WINDOW "
+            "predictions against the calibration's defect-free reference (NaN: fewer than 20 "
+            "predictions, or no reference)",
+            by_model,
+            registry=r,
+        )
+        self.drift_ks = Gauge(
+            "loomwatch_score_drift_ks",
+            "Kolmogorov-Smirnov statistic of the same window against the same reference",
+            by_model,
+            registry=r,
+        )
+        self.window_anomaly_rate = Gauge(
+            "loomwatch_window_anomaly_rate",
+            "share of anomalous decisions among the latest DRIFT_WINDOW predictions",
+            by_model,
+            registry=r,
+        )
+        self.window_kept_area = Gauge(
+            "loomwatch_window_kept_area_mean",
+            "mean fabric pixels kept per anomalous prediction among the latest DRIFT_WINDOW",
+            by_model,
+            registry=r,
+        )
+        self.window_size = Gauge(
+            "loomwatch_window_predictions", "predictions in the drift window", by_model, registry=r
+        )
         self.ready = Gauge("loomwatch_ready", "1 when the model is loaded and warmed", registry=r)
         self.model = Info("loomwatch_model", "the model being served", registry=r)
         self._recent: deque[bool] = deque(maxlen=ANOMALY_WINDOW)
@@ -111,6 +143,14 @@ class Metrics:
         with self._lock:
             self._recent.append(anomalous)
             self.anomaly_rate.set(sum(self._recent) / len(self._recent))
+
+    def observe_window(self, model: str, fabric: str, stats: WindowStats) -> None:
+        labels = {"model": model, "fabric": fabric}
+        self.drift_psi.labels(**labels).set(stats.psi)
+        self.drift_ks.labels(**labels).set(stats.ks)
+        self.window_anomaly_rate.labels(**labels).set(stats.anomaly_rate)
+        self.window_kept_area.labels(**labels).set(stats.mean_kept_area)
+        self.window_size.labels(**labels).set(stats.size)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

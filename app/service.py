@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from app.drift import DriftWindow, reference_of
 from app.errors import ApiError
 from app.feedback.store import FeedbackStore, FeedbackUnavailableError, NewPrediction
 from app.imaging import ImageInfo, probe_image, rle_counts
@@ -103,6 +104,13 @@ class Scorer:
         self.settings = settings
         self.store = store
         self._record_after = 0.0  # monotonic time before which recording is not tried
+        reference = reference_of(model.detector.manifest.calibration.evidence)
+        if reference is None:
+            log.warning(
+                "the model's calibration has no reference scores: no score drift metrics "
+                "(loomwatch calibrate gives it one)"
+            )
+        self.drift = DriftWindow(reference, settings.drift_window)
         self.model_ref = ModelRef(name=model.name, version=model.version, type=model.type)
 
     # ---- reading uploads (on the event loop: header only, no decoding) ------------------------
@@ -233,6 +241,9 @@ class Scorer:
         stages = {k: v for k, v in scored.seconds.items() if k != "inference"}
         stages["total"] = scored.seconds["inference"]
         self.metrics.observe_prediction(result.is_anomalous, len(result.regions), reasons, stages)
+        kept_area = sum(region.area for region in result.regions)
+        window = self.drift.add(result.raw_score, result.is_anomalous, kept_area)
+        self.metrics.observe_window(self.model.name, self.model.fabric or "all", window)
         entry: dict[str, Any] = {
             "request_id": result.request_id,
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),

@@ -100,6 +100,14 @@ class Settings(BaseSettings):
         "feedback stay)",
     )
 
+    drift_window: int = Field(
+        default=200,
+        ge=20,
+        le=100_000,
+        description="predictions in the sliding window of the drift metrics (score PSI and KS "
+        "against the calibration's reference, anomaly rate, kept area)",
+    )
+
     api_key: SecretStr | None = Field(
         default=None, description="when set, required on every route but /health and /ready"
     )

@@ -157,6 +157,19 @@ def describe_operating_point(evidence: dict[str, Any]) -> str:
     return text
 
 
+REFERENCE_MAX = 1000  # raw scores kept as the drift reference
+
+
+def reference_scores(clean: np.ndarray) -> dict[str, Any]:
+    """Defect-free raw image scores (at most REFERENCE_MAX, evenly spread quantiles when there
+    are more), kept with the calibration: the service compares the scores it sees against them
+    (score drift, ``app.drift``)."""
+    ordered = np.sort(np.asarray(clean, dtype=np.float64))
+    if ordered.size > REFERENCE_MAX:
+        ordered = np.quantile(ordered, np.linspace(0.0, 1.0, REFERENCE_MAX))
+    return {"defect_free_scores": [float(f"{value:.6g}") for value in ordered]}
+
+
 def fit_calibration(
     samples: CalibrationSamples, config: CalibrationConfig, seed: int = 0
 ) -> Calibration:
@@ -202,7 +215,7 @@ def fit_calibration(
         pixel_min=float(pixels.min()),
         pixel_max=float(max(pixels.max(), pixel_threshold)),
         method=",".join(methods),
-        evidence={"operating_point": evidence},
+        evidence={"operating_point": evidence, "reference": reference_scores(clean)},
     )
 
 

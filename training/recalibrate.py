@@ -42,6 +42,7 @@ from training.calibrate import (
     f1_optimal_threshold,
     false_alarm_threshold,
     fit_operating_point,
+    reference_scores,
 )
 from training.config import CalibrationConfig
 from training.data import fingerprint, load_dataset, split_dataset
@@ -250,7 +251,11 @@ def recalibrate_on_feedback(
             "image_min": float(min(before.image_min, all_scores.min())),
             "image_max": float(max(before.image_max, all_scores.max(), threshold)),
             "method": ",".join([f"{method}(feedback)", *pixel_method]),
-            "evidence": {**before.evidence, "operating_point": operating},
+            "evidence": {
+                **before.evidence,
+                "operating_point": operating,
+                "reference": reference_scores(scores[labels == 0]),
+            },
         }
     )
     evidence: dict[str, Any] = {
