@@ -16,11 +16,16 @@ from app.settings import Settings
 
 
 def settings_with(
-    model_uri: str | None, host: str | None, port: int | None, backend: str | None = None
+    model_uri: str | None,
+    host: str | None,
+    port: int | None,
+    backend: str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> Settings:
     """The settings (environment, .env) with the arguments that were given laid over them."""
     given: dict[str, Any] = {"model_uri": model_uri, "host": host, "port": port}
-    given["backend"] = backend
+    given.update(backend=backend, device=device, precision=precision)
     return Settings(**{key: value for key, value in given.items() if value is not None})
 
 

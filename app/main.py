@@ -70,6 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.not_ready_reason = "shutting down"
         metrics.ready.set(0)
         await run_in_threadpool(pool.shutdown)
+        await run_in_threadpool(model.close)  # the batcher's thread, if any
         inference_log.close()
         if store is not None:
             store.close()

@@ -147,6 +147,7 @@ def model_info(model: ModelDep, settings: SettingsDep) -> ModelResponse:
         max_batch_files=settings.max_batch_files,
     )
     return ModelResponse(
+        runtime=model.runtime,
         name=model.name,
         version=model.version,
         type=model.type,
@@ -202,7 +203,15 @@ def ready(request: Request, settings: SettingsDep) -> ReadyResponse | JSONRespon
         return JSONResponse(body.model_dump(mode="json"), status_code=503, headers=headers)
     model = scorer.model
     ref = ModelRef(name=model.name, version=model.version, type=model.type)
-    return ReadyResponse(status="ready", model=ref, warmup_ms=round(model.warmup_ms, 1))
+    runtime = model.runtime
+    return ReadyResponse(
+        status="ready",
+        model=ref,
+        warmup_ms=round(model.warmup_ms, 1),
+        backend=runtime["backend"],
+        device=runtime["device"],
+        precision=runtime["precision"],
+    )
 
 
 @probes.get("/", include_in_schema=False)

@@ -301,6 +301,9 @@ class ReadyResponse(BaseModel):
                 "reason": None,
                 "model": PREDICTION_EXAMPLE["model"],
                 "warmup_ms": 812.4,
+                "backend": "torch",
+                "device": "cuda:0",
+                "precision": "bf16",
             }
         }
     )
@@ -309,6 +312,11 @@ class ReadyResponse(BaseModel):
     reason: str | None = Field(default=None, description="why not ready")
     model: ModelRef | None = None
     warmup_ms: float | None = None
+    backend: str | None = Field(default=None, description="torch, onnxruntime or openvino")
+    device: str | None = Field(default=None, description="cpu, cuda:N or mps")
+    precision: str | None = Field(
+        default=None, description="32, bf16 or 16-mixed (torch); fp32 or int8 (exported)"
+    )
 
 
 class AcceptedInput(BaseModel):
@@ -378,3 +386,8 @@ class ModelResponse(BaseModel):
     metrics: dict[str, float | None] = Field(description="validation metrics at training")
     versions: dict[str, str]
     accepted_input: AcceptedInput
+    runtime: dict[str, Any] | None = Field(
+        default=None,
+        description="what runs the network: backend, device, precision, and the dynamic "
+        "batching of concurrent requests' tiles (batch_max_tiles 0: off; batch_max_wait_ms)",
+    )

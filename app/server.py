@@ -53,6 +53,8 @@ def run(
     host: str | None = None,
     port: int | None = None,
     backend: str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> int:
     """Serve until interrupted; arguments override the settings (environment, .env).
 
@@ -61,7 +63,7 @@ def run(
     (no model, a bad setting, a port already taken: all before the model is loaded).
     """
     try:
-        settings = settings_with(model_uri, host, port, backend)
+        settings = settings_with(model_uri, host, port, backend, device, precision)
     except ValidationError as exc:
         print(f"loomwatch: error: {setting_error(exc)}", file=sys.stderr)
         return EXIT_STARTUP_FAILED

@@ -41,7 +41,7 @@ from app.schemas import (
 )
 from app.settings import Settings
 from models.overlay import encode_png, heatmap, png_base64, render_overlay, thumbnail, wrap_wide
-from models.pipeline import Prediction
+from models.pipeline import Analysis, Prediction
 from models.postprocess import SuppressionSettings
 from models.preprocessing import ImageDecodeError
 
@@ -132,14 +132,28 @@ class Scorer:
 
     # ---- the worker's part -------------------------------------------------------------------
 
-    def _score(self, upload: Upload, options: ScoreOptions, overlay: bool, wrap: bool) -> Scored:
-        started = time.perf_counter()
-        prediction = self.model.detector.predict(
-            upload.data,
-            threshold=options.threshold,
-            suppression=self.suppression(options),
-            max_pixels=self.settings.max_pixels,
-        )
+    def _score(
+        self,
+        upload: Upload,
+        options: ScoreOptions,
+        overlay: bool,
+        wrap: bool,
+        analysis: Analysis | None = None,
+        started: float | None = None,
+    ) -> Scored:
+        """Score one upload (or finish its ``analysis``, already run with others' tiles)."""
+        started = time.perf_counter() if started is None else started
+        if analysis is None:
+            prediction = self.model.detector.predict(
+                upload.data,
+                threshold=options.threshold,
+                suppression=self.suppression(options),
+                max_pixels=self.settings.max_pixels,
+            )
+        else:
+            prediction = self.model.detector.finish(
+                analysis, threshold=options.threshold, suppression=self.suppression(options)
+            )
         encode_started = time.perf_counter()
         mask = _encode_mask(prediction, options.mask)
         heat = None
@@ -165,12 +179,18 @@ class Scorer:
     def _score_many(
         self, uploads: Sequence[Upload], options: ScoreOptions
     ) -> list[Scored | ApiError]:
+        """All the uploads' tiles through the network together (full batches across images; with
+        the batcher, shared with other requests too), then each image finished on its own."""
+        started = time.perf_counter()
+        analyses = self.model.detector.analyse_many(
+            [upload.data for upload in uploads], self.settings.max_pixels
+        )
         results: list[Scored | ApiError] = []
-        for upload in uploads:
-            try:
-                results.append(self._score(upload, options, overlay=False, wrap=False))
-            except ImageDecodeError as exc:
-                results.append(_undecodable(exc))
+        for upload, analysis in zip(uploads, analyses, strict=True):
+            if isinstance(analysis, ImageDecodeError):
+                results.append(_undecodable(analysis))
+                continue
+            results.append(self._score(upload, options, False, False, analysis, started))
         return results
 
     async def _in_pool(self, job: Callable[[], T], images: int = 1) -> tuple[T, float]:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.device import check_device_name, check_precision_name
 from models.postprocess import SuppressionSettings
 
 
@@ -29,6 +30,31 @@ class Settings(BaseSettings):
         default="auto",
         description="what runs the network: auto (torch for a bundle, the export's runtime for "
         "an exported model), torch, onnxruntime or openvino",
+    )
+    device: str = Field(
+        default="auto",
+        description="where a PyTorch bundle's network runs: auto (a CUDA GPU when there is one, "
+        "else the CPU), cpu, cuda, cuda:N or mps; a device that is not there stops start-up "
+        "(exported models run on the CPU)",
+    )
+    precision: Literal["32", "bf16", "16-mixed"] = Field(
+        default="32",
+        description="32 (fp32), bf16 (autocast; CUDA or CPU) or 16-mixed (float16; CUDA only)",
+    )
+    channels_last: bool = Field(
+        default=False, description="channels-last convolutions (helps GPUs in bf16/16-mixed)"
+    )
+    batch_max_tiles: int | None = Field(
+        default=None,
+        ge=0,
+        description="dynamic batching: the most tiles one forward pass gathers from concurrent "
+        "requests; 0 turns it off; unset: 64 on a GPU, off on the CPU (where it is no faster)",
+    )
+    batch_max_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=1000.0,
+        description="dynamic batching: how long a pass waits for more tiles after the first",
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -114,6 +140,16 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS; none if empty"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device_name(value)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_text(cls, value: Any) -> Any:
+        return check_precision_name(str(value)) if isinstance(value, str | int) else value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -45,6 +45,7 @@ USER_ERRORS = {
     "models.manifest": ("BundleError",),
     "models.network": ("BackendError",),
     "models.device": ("DeviceError",),
+    "models.device": ("DeviceError",),
     "models.export": ("ExportError",),
     "models.patchcore": ("WeightsError",),
     "models.preprocessing": ("ImageDecodeError",),
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", type=Path, dest="report_dir")
     _backend_option(evaluate)
     _runtime_options(evaluate)
+    _runtime_options(evaluate)
 
     predict = commands.add_parser("predict", help="score images; write overlays and JSON")
     predict.add_argument("--model-uri", required=True)
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, default=Path("predictions"))
     predict.add_argument("--threshold", type=float, help="normalised image threshold (0.5)")
     _backend_option(predict)
+    _runtime_options(predict)
     _runtime_options(predict)
 
     export = commands.add_parser(
@@ -287,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--backend", help="runtime of the network: auto, torch, onnxruntime, openvino ($BACKEND)"
     )
+    serve.add_argument("--device", help=f"{DEVICE_HELP} ($DEVICE, default auto)")
+    serve.add_argument("--precision", help=f"{PRECISION_HELP} ($PRECISION, default 32)")
     serve.add_argument("--device", help=f"{DEVICE_HELP} ($DEVICE, default auto)")
     serve.add_argument("--precision", help=f"{PRECISION_HELP} ($PRECISION, default 32)")
 
@@ -515,6 +520,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.register and args.alias:
         print(f"alias: models:/{args.register}@{args.alias}")
     return 0
+
+
+def _train_runtime(args: argparse.Namespace, config: Any) -> Any:
+    """The runtime of ``train``: the flags over the config's runtime section (which the run
+    then records as used); DeviceError when this machine cannot run it."""
+    from models.device import Runtime, check_device_name, check_precision_name
+
+    if args.device is not None:
+        config.runtime.device = check_device_name(args.device)
+    if args.precision is not None:
+        config.runtime.precision = check_precision_name(args.precision)
+    if args.channels_last:
+        config.runtime.channels_last = True
+    chosen = config.runtime
+    return Runtime.resolve(chosen.device, chosen.precision, chosen.channels_last)
 
 
 def _train_runtime(args: argparse.Namespace, config: Any) -> Any:
@@ -805,6 +825,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     alias champion -> evaluate and predict through the registry -> serve it."""
     # what its PatchCore training needs: the demo stops here, not after writing its data
     require_packages("demo", ("torch", "torchvision", "safetensors", "mlflow", "sklearn"))
+    from models.device import Runtime
+
+    device, precision = args.device or "auto", args.precision or "32"
+    Runtime.resolve(device, precision)  # a device this machine lacks: one line, before any work
+    runtime = ["--device", device, "--precision", precision]
     from models.device import Runtime
 
     runtime = ["--device", args.device or "auto", "--precision", args.precision or "32"]

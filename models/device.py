@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from models.base import AnomalyModel, ModelOutput
-
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 PRECISIONS = ("32", "bf16", "16-mixed")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -193,15 +191,18 @@ class Runtime:
             moved = moved.contiguous(memory_format=torch.channels_last)
         return moved
 
-    def predict(self, model: AnomalyModel, tiles: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
-        """``model.predict`` of host tiles on this device and precision; host fp32 results."""
-        import torch
+    def predict(self, model: Any, tiles: torch.Tensor, valid: torch.Tensor) -> Any:
+        """``model.predict`` (an AnomalyModel's) of host tiles on this device and precision; its
+        ModelOutput with host fp32 tensors."""
+        import dataclasses
 
-        from models.base import ModelOutput
+        import torch
 
         with torch.inference_mode(), self.autocast():
             output = model.predict(self.put(tiles), self.put(valid))
-        return ModelOutput(output.anomaly_map.float().cpu(), output.score.float().cpu())
+        return dataclasses.replace(
+            output, anomaly_map=output.anomaly_map.float().cpu(), score=output.score.float().cpu()
+        )
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (for honest timings; nothing on the CPU)."""

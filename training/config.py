@@ -1,8 +1,10 @@
 """The training configuration: defaults, an optional YAML file, then ``--set key=value`` overrides.
 
 Sections: ``model`` (the model's own config class validates it), ``pipeline`` (tiling, valid
-area), ``suppression`` (post-processing defaults stored in the bundle), ``data`` (split) and
-``calibration``. Unknown keys are errors, so a typo never silently trains the wrong model.
+area), ``suppression`` (post-processing defaults stored in the bundle), ``data`` (split),
+``calibration`` and ``runtime`` (device, precision, channels-last; ``--device`` and
+``--precision`` override it).
+Unknown keys are errors, so a typo never silently trains the wrong model.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from models.base import ModelConfig
 from models.bundle import PipelineConfig
+from models.device import check_device_name
 from models.postprocess import SuppressionSettings
 from models.registry import model_class
 
@@ -49,6 +52,27 @@ class CalibrationConfig(BaseModel):
     negative_pixel_rate: float = Field(default=0.05, gt=0.0, le=1.0)
 
 
+class RuntimeConfig(BaseModel):
+    """Where fitting runs and in what precision (models/device.py); a GPU preset says cuda, and
+    a machine without one then refuses it in one line instead of training for days on a CPU."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
+    precision: Literal["32", "bf16", "16-mixed"] = "32"
+    channels_last: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device_name(value)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -57,6 +81,7 @@ class TrainConfig(BaseModel):
     suppression: SuppressionSettings = Field(default_factory=SuppressionSettings)
     data: DataConfig = Field(default_factory=DataConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

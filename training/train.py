@@ -24,6 +24,8 @@ from tqdm import tqdm
 from models.base import AnomalyModel, EpochCallback, FitContext
 from models.bundle import Manifest, library_versions, save_bundle
 from models.calibration import Calibration
+from models.device import Runtime
+from models.network import TorchNetwork
 from models.pipeline import Detector
 from models.preprocessing import valid_area
 from models.registry import model_class
@@ -71,7 +73,11 @@ def _load_train_images(
 
 
 def validation_scorer(
-    split: Split, config: TrainConfig, seed: int, max_tiles: int = 96
+    split: Split,
+    config: TrainConfig,
+    seed: int,
+    max_tiles: int = 96,
+    runtime: Runtime | None = None,
 ) -> Callable[[AnomalyModel], float] | None:
     """Tile AUROC on a fixed sample of validation tiles, for models that pick their best state.
 
@@ -111,12 +117,13 @@ def validation_scorer(
     tiles = torch.from_numpy(np.stack([t for t, _ in chosen])).float()[:, None] / 255.0
     valids = torch.from_numpy(np.stack([v for _, v in chosen]))[:, None]
 
+    on = runtime or Runtime.cpu()
+
     def validate(model: AnomalyModel) -> float:
         scores = []
-        with torch.inference_mode():
-            for start in range(0, len(chosen), pipeline.batch_size):
-                end = start + pipeline.batch_size
-                scores.append(model.predict(tiles[start:end], valids[start:end]).score)
+        for start in range(0, len(chosen), pipeline.batch_size):
+            end = start + pipeline.batch_size
+            scores.append(on.predict(model, tiles[start:end], valids[start:end]).score)
         return float(roc_auc_score(labels, torch.cat(scores).numpy()))
 
     return validate
@@ -147,8 +154,13 @@ def train(
     progress: bool = True,
     callback: EpochCallback | None = None,
     on_split: Callable[[Dataset, Split], None] | None = None,
+    runtime: Runtime | None = None,
+    profile: bool = False,
 ) -> TrainResult:
+    """Train on ``runtime`` (default: the CPU in fp32); ``profile`` times each training step's
+    parts (data, forward, backward: ``step_*_ms`` in the fit summary)."""
     started = time.monotonic()
+    runtime = runtime or Runtime.cpu()
     torch.manual_seed(seed)
     budget = max_minutes * 60.0 if max_minutes else None
     dataset = load_dataset(data, fabric=fabric)
@@ -173,7 +185,13 @@ def train(
         progress=progress,
         seed=seed,
         batch_size=pipeline.batch_size,
-        validate=validation_scorer(split, config, seed) if cls.selects_best_state else None,
+        validate=(
+            validation_scorer(split, config, seed, runtime=runtime)
+            if cls.selects_best_state
+            else None
+        ),
+        runtime=runtime,
+        profile=profile,
     )
     fit_started = time.monotonic()
     fit_summary = model.fit(tiles, context)
@@ -188,7 +206,7 @@ def train(
         suppression=config.suppression.model_dump(),
         versions=library_versions(),
     )
-    detector = Detector(model, manifest)
+    detector = Detector(TorchNetwork(model, runtime=runtime), manifest)
     # Validation analyses are kept in memory once, then used to calibrate and to evaluate.
     analysed = list(analyse_samples(detector, split.validation, progress=progress, desc="validate"))
     rate = config.calibration.negative_pixel_rate
@@ -219,6 +237,7 @@ def train(
         "max_minutes": max_minutes,
         "fit_seconds": round(fit_seconds, 2),
         "fit_summary": {k: _number(v) for k, v in fit_summary.items()},
+        "runtime": runtime.describe(),  # where it was trained; the bundle loads anywhere
         "full_config": config.model_dump(mode="json"),
     }
     bundle = save_bundle(out, model, manifest)
