@@ -45,7 +45,6 @@ USER_ERRORS = {
     "models.manifest": ("BundleError",),
     "models.network": ("BackendError",),
     "models.device": ("DeviceError",),
-    "models.device": ("DeviceError",),
     "models.export": ("ExportError",),
     "models.patchcore": ("WeightsError",),
     "models.preprocessing": ("ImageDecodeError",),
@@ -176,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", type=Path, dest="report_dir")
     _backend_option(evaluate)
     _runtime_options(evaluate)
-    _runtime_options(evaluate)
 
     predict = commands.add_parser("predict", help="score images; write overlays and JSON")
     predict.add_argument("--model-uri", required=True)
@@ -184,7 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, default=Path("predictions"))
     predict.add_argument("--threshold", type=float, help="normalised image threshold (0.5)")
     _backend_option(predict)
-    _runtime_options(predict)
     _runtime_options(predict)
 
     export = commands.add_parser(
@@ -290,8 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--backend", help="runtime of the network: auto, torch, onnxruntime, openvino ($BACKEND)"
     )
-    serve.add_argument("--device", help=f"{DEVICE_HELP} ($DEVICE, default auto)")
-    serve.add_argument("--precision", help=f"{PRECISION_HELP} ($PRECISION, default 32)")
     serve.add_argument("--device", help=f"{DEVICE_HELP} ($DEVICE, default auto)")
     serve.add_argument("--precision", help=f"{PRECISION_HELP} ($PRECISION, default 32)")
 
@@ -520,21 +515,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.register and args.alias:
         print(f"alias: models:/{args.register}@{args.alias}")
     return 0
-
-
-def _train_runtime(args: argparse.Namespace, config: Any) -> Any:
-    """The runtime of ``train``: the flags over the config's runtime section (which the run
-    then records as used); DeviceError when this machine cannot run it."""
-    from models.device import Runtime, check_device_name, check_precision_name
-
-    if args.device is not None:
-        config.runtime.device = check_device_name(args.device)
-    if args.precision is not None:
-        config.runtime.precision = check_precision_name(args.precision)
-    if args.channels_last:
-        config.runtime.channels_last = True
-    chosen = config.runtime
-    return Runtime.resolve(chosen.device, chosen.precision, chosen.channels_last)
 
 
 def _train_runtime(args: argparse.Namespace, config: Any) -> Any:
