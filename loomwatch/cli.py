@@ -810,10 +810,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device, precision = args.device or "auto", args.precision or "32"
     Runtime.resolve(device, precision)  # a device this machine lacks: one line, before any work
     runtime = ["--device", device, "--precision", precision]
-    from models.device import Runtime
-
-    runtime = ["--device", args.device or "auto", "--precision", args.precision or "32"]
-    Runtime.resolve(*runtime[1::2])  # a device this machine lacks: one line, before any work
     if not args.no_serve:  # a taken port fails now, not after minutes of training
         from app.listen import address_problem
 
