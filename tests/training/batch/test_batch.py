@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from loomwatch.cli import main
+from loomwatch.cli import main, missing_extra
 from tests.helpers import one_line_error, train_cli, wait_until
 from training.batch.files import BatchInputError, find_images
 from training.batch.job import BatchRequest, run_batch
@@ -124,6 +124,15 @@ def test_cli_mistakes_are_one_line_and_exit_2(
     assert batch(tmp_path, archive, out, master="local[2]") == 2
     one_line_error(capsys, "--master needs --engine spark")
     assert not out.exists()
+
+
+def test_a_missing_package_names_the_batch_extra() -> None:
+    for package in ("pyspark", "pyarrow", "torch", "mlflow"):  # [batch] brings all of them
+        line = missing_extra("batch", ModuleNotFoundError(name=package))
+        assert line == (
+            f"loomwatch batch needs {package}, which is not installed: "
+            "pip install 'loomwatch[batch]'"
+        )
 
 
 # --- scoring ----------------------------------------------------------------------------------
