@@ -5,7 +5,7 @@
 "use strict";
 
 const VERDICTS = { real_defect: "real defect", false_alarm: "false alarm", missed_defect: "missed defect" };
-const WRAP_RATIO = 4; // a row at most 4 times as wide as it is high, as the API's overlay
+const MIN_SCALE = 0.6; // wrapped, a strip gets as many rows as keep it at least this scale
 const views = []; // {holder, picture, heat, result}: redrawn when the view options change
 const thumbnails = []; // object URLs of the recent list, released on refresh
 
@@ -101,7 +101,8 @@ function drawView(view) {
   const width = result.image.width;
   const height = result.image.height;
   const wrap = $("wrap").checked;
-  const rows = wrap ? Math.max(1, Math.ceil(width / (height * WRAP_RATIO))) : 1;
+  const room = holder.clientWidth || 1200;
+  const rows = wrap ? Math.max(1, Math.ceil((width * MIN_SCALE) / room)) : 1;
   const step = Math.ceil(width / rows);
   const alpha = Number($("heat").value) / 100;
   const line = Math.max(1, Math.round(step / 700));
@@ -212,6 +213,9 @@ function feedbackWidget(predictionId, current) {
         saved.textContent = `saved: ${VERDICTS[verdict]}`;
         widget.dataset.state = "saved";
         widget.dataset.verdict = verdict;
+        const row = widget.closest("#recent tr");
+        if (row) row.querySelector(".verdict").textContent = VERDICTS[verdict];
+        else loadRecent(); // the list shows the new verdict
       } catch (error) {
         saved.textContent = `not saved: ${error.message}`;
         saved.className = "saved error";
@@ -250,7 +254,6 @@ async function score(file) {
   ]);
   const view = { holder, picture, heat: heat ? warmOnly(heat) : null, result };
   views.push(view);
-  drawView(view);
   const settings = result.suppression.settings;
   const settingsLine = element(
     "p",
@@ -270,6 +273,7 @@ async function score(file) {
     settingsLine,
     feedbackWidget(result.prediction_id, null),
   );
+  drawView(view); // once in the page, where the view knows its width
   card.dataset.state = "done";
   if (result.prediction_id) card.dataset.prediction = result.prediction_id;
   loadRecent();
@@ -342,7 +346,7 @@ async function loadRecent() {
       element("td", item.fabric || "-"),
       element("td", item.decision, `badge ${item.decision}`),
       element("td", `${item.score.toFixed(3)} / ${item.threshold.toFixed(3)}`),
-      element("td", item.verdict ? VERDICTS[item.verdict] : "-"),
+      element("td", item.verdict ? VERDICTS[item.verdict] : "-", "verdict"),
     );
     const notes = item.feedback.filter((entry) => entry.note).map((entry) => entry.note);
     const cell = element("td");
@@ -381,6 +385,11 @@ function start() {
     scoreAll(Array.from(event.dataTransfer.files));
   });
   $("wrap").addEventListener("change", redrawAll);
+  let resizing = 0;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(redrawAll, 200);
+  });
   $("heat").addEventListener("input", redrawAll);
   $("filters").addEventListener("submit", (event) => {
     event.preventDefault();
