@@ -121,6 +121,8 @@ class FitContext:
     # where and in what precision fitting runs (the model has been moved there already)
     runtime: Runtime = field(default_factory=Runtime.cpu)
     profile: bool = False  # time the parts of each step (``timer``)
+    # prepare the next batch in a thread while this one trains; None: on accelerators only
+    prefetch: bool | None = None
     timer: StepTimer = field(init=False)
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ synchronised around each part; their means per step end in the summary (``step_*
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import queue
@@ -178,8 +179,13 @@ def train_epoch(
     """One pass over the tiles; stops early (finished=False) at ``stop_at`` or a NaN loss."""
     totals = EpochTotals()
     steps = len(loader)
-    background = not context.runtime.on_cpu
-    source: Iterable[Any] = Prefetch(loader, prepare) if background else map(prepare, loader)
+    background = context.prefetch if context.prefetch is not None else not context.runtime.on_cpu
+    # islice: never ask the loader past its last batch, with or without a thread (exhausting
+    # its sampler draws one more permutation from the generator, changing later epochs)
+    batches_in = itertools.islice(loader, steps)
+    source: Iterable[Any] = (
+        Prefetch(batches_in, prepare) if background else map(prepare, batches_in)
+    )
     try:
         stream = iter(batches(source, context, epoch, steps))
         for index in range(steps):

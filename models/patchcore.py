@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYER_ORDER = ("layer1", "layer2", "layer3", "layer4")
+AUTOCAST = ("cpu", "cuda", "mps", "xpu")  # device types torch.autocast knows
 
 
 class PatchCoreConfig(ModelConfig):
@@ -404,7 +406,9 @@ class PatchCore(AnomalyModel):
         features = self.embed(tiles, valid).float()  # the bank search in fp32 under autocast
         dim = features.shape[1]
         flat = features.permute(0, 2, 3, 1).reshape(-1, dim)
-        with torch.autocast(flat.device.type, enabled=False):  # distances in fp32
+        kind = flat.device.type  # distances in fp32 whatever autocast is on outside
+        plain = torch.autocast(kind, enabled=False) if kind in AUTOCAST else nullcontext()
+        with plain:
             return self._score(tiles, valid, features, flat)
 
     def _score(

@@ -250,7 +250,7 @@ class VAE(Reconstructor):
             raise ValueError("no defect-free tiles to fit the VAE on")
         runtime = context.runtime
         runtime.prepare(self)
-        generator = torch.Generator().manual_seed(context.seed)  # host: shuffling
+        generator = torch.Generator(device="cpu").manual_seed(context.seed)  # shuffling
         noise = runtime.generator(context.seed, host=generator)  # the posterior samples
         optimiser = torch.optim.Adam(self.parameters(), lr=self.config.lr)
         scaler = runtime.grad_scaler()

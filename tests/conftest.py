@@ -11,6 +11,20 @@ import pytest
 from tests.helpers import woven
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip, with the reason, where PyTorch sees no CUDA GPU (CI has none;
+    bench/gpu_check.py runs them on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    reason = f"needs a CUDA GPU; PyTorch {torch.__version__} ({build}) sees none here"
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture
 def fabric() -> np.ndarray:
     return woven(128, 512)
