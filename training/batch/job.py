@@ -22,11 +22,12 @@ from training.batch.output import (
     check_output,
     done_paths,
     final_rows,
+    output_lock,
     read_output,
     work_folder,
     write_output_local,
 )
-from training.batch.schema import ModelInfo
+from training.batch.schema import ImageFile, ModelInfo
 from training.batch.scoring import DEFAULT_MAX_BYTES, WorkerSettings
 
 log = logging.getLogger("loomwatch.batch")
@@ -126,6 +127,27 @@ def run_batch(
     folder, model, detector = resolve_model(request.model_uri, request.backend)
     say(f"model {model.name} version {model.version} ({model.type}, {model.digest})")
     out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        summary = _score(request, out, images, folder, model, detector, say)
+    if request.report_dir is not None:
+        from training.batch.report import write_batch_report
+
+        summary.report = write_batch_report(out, request.report_dir, detector, request.worst)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _score(
+    request: BatchRequest,
+    out: Path,
+    images: list[ImageFile],
+    folder: Path,
+    model: ModelInfo,
+    detector: Detector,
+    say: Callable[[str], None],
+) -> BatchSummary:
+    """Skip what is done, score the rest, write the output; the summary of the output."""
+    started = time.perf_counter()
     done = done_paths(out, model.digest)
     todo = [image for image in images if image.path not in done]
     resumed = len(images) - len(todo)
@@ -172,11 +194,6 @@ def run_batch(
         progress.close()
     summary = _summarise(out, model, request.engine, len(images), resumed, len(todo))
     summary.timings = {"scoring": scoring, "total": time.perf_counter() - started}
-    if request.report_dir is not None:
-        from training.batch.report import write_batch_report
-
-        summary.report = write_batch_report(out, request.report_dir, detector, request.worst)
-    summary.seconds = time.perf_counter() - started
     return summary
 
 

@@ -16,12 +16,14 @@ and the work folder is removed.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -135,10 +137,32 @@ def write_marker(folder: Path, info: dict[str, Any]) -> None:
 
 
 def publish(staging: Path, out: Path, info: dict[str, Any]) -> None:
-    """Mark the finished staging folder and swap it in for ``out``; drop the checkpoints."""
+    """Check that the finished staging folder holds one row per input image, mark it, and swap
+    it in for ``out``; drop the checkpoints. ``info["images"]`` is the number of input images."""
+    found = ds.dataset(staging, format="parquet").count_rows() if any(staging.iterdir()) else 0
+    if found != info["images"]:
+        raise RuntimeError(f"{out}: {found} rows for {info['images']} images; output not replaced")
     write_marker(staging, info)
     move_into_place(staging, out)
     shutil.rmtree(work_folder(out), ignore_errors=True)
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """One job at a time per output: an exclusive lock on ``.OUT.lock`` beside it (the file
+    stays; the lock goes with the process, even when it is killed)."""
+    path = out.parent / f".{out.name}.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"--output {out}: another loomwatch batch is writing it (lock {path})"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_output_local(rows: pa.Table, out: Path, info: dict[str, Any]) -> None:

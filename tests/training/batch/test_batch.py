@@ -22,7 +22,14 @@ from loomwatch.cli import main, missing_extra
 from tests.helpers import one_line_error, train_cli, wait_until
 from training.batch.files import BatchInputError, find_images
 from training.batch.job import BatchRequest, run_batch
-from training.batch.output import MARKER, OutputError, check_output, read_output, work_folder
+from training.batch.output import (
+    MARKER,
+    OutputError,
+    check_output,
+    output_lock,
+    read_output,
+    work_folder,
+)
 from training.batch.schema import SCHEMA, describe_file, mask_to_rle, rle_to_mask
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -281,7 +288,7 @@ def test_a_killed_job_leaves_the_previous_output_whole_and_resumes(
     assert resumed.n_resumed >= len(previous) + kept
     assert resumed.n_scored_now == resumed.n_images - resumed.n_resumed
     assert len(rows_by_path(out)) == resumed.n_images and not work.exists()
-    assert not list(tmp_path.glob(".out.parquet.*")), "staging folders left behind"
+    assert not list(tmp_path.glob(".out.parquet.staging*")), "staging folders left behind"
 
 
 def test_report_per_fabric_and_roll(bundle: Path, archive: Path, tmp_path: Path) -> None:
@@ -321,3 +328,14 @@ def test_a_registered_model_is_pinned_to_its_version(
     rows = read_output(out).to_pylist()
     assert {(r["model_name"], r["model_version"]) for r in rows} == {("batch-fabric", "1")}
     assert {r["model_uri"] for r in rows} == {"models:/batch-fabric@champion"}
+
+
+def test_one_job_at_a_time_per_output(
+    bundle: Path, archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.parquet"
+    with output_lock(out):  # another job holds it
+        assert batch(bundle, archive, out) == 2
+        one_line_error(capsys, "another loomwatch batch is writing it")
+        assert not out.exists()
+    assert batch(bundle, archive, out) == 0
