@@ -793,7 +793,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
-    summary = run_batch(request, say)
+    try:
+        summary = run_batch(request, say)
+    except Exception as exc:  # the job could not finish: exit 2, as for bad input (1 = images)
+        if args.debug or is_user_error(exc) or isinstance(exc, ImportError):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(
+            f"loomwatch: error: the batch job failed: {type(exc).__name__}: {first} (the output "
+            "is unchanged; what was scored is kept: run it again to resume)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     print(summary.line())
     if summary.report is not None:
         print(f"report: {summary.report}")

@@ -247,34 +247,46 @@ def test_two_workers_write_the_same_rows_as_one(
         assert a[path]["mask_rle"] == b[path]["mask_rle"]
 
 
-@pytest.mark.slow
-def test_a_killed_job_leaves_the_previous_output_whole_and_resumes(
-    bundle: Path, synth_data: Path, tmp_path: Path
-) -> None:
-    source = tmp_path / "archive"
-    for copy in range(4):  # enough strips that the job is still running when it is killed
+def copies(synth_data: Path, source: Path, count: int = 4) -> Path:
+    """`count` rolls holding each synthetic strip: enough work that a job can be hit mid-way."""
+    for copy in range(count):
         for path in sorted(synth_data.rglob("*.png")):
             if "Mask_images" not in path.parts:
                 target = source / f"roll-{copy}" / path.name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, target)
+    return source
+
+
+def batch_process(bundle: Path, source: Path, out: Path, *options: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "loomwatch.cli", "--quiet", "batch", "--model-uri",
+               str(bundle), "--input", str(source), "--output", str(out),
+               "--checkpoint-every", "1", *options]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def wait_for_checkpoints(process: subprocess.Popen[str], work: Path, count: int) -> None:
+    def checkpointed() -> bool:
+        return len(list(work.glob("part-*.parquet"))) >= count or process.poll() is not None
+
+    wait_until(checkpointed, timeout=120, what=f"{count} checkpoints")
+    assert process.poll() is None, process.stderr.read() if process.stderr else ""
+
+
+@pytest.mark.slow
+def test_a_killed_job_leaves_the_previous_output_whole_and_resumes(
+    bundle: Path, synth_data: Path, tmp_path: Path
+) -> None:
+    source = copies(synth_data, tmp_path / "archive")
     out = tmp_path / "out.parquet"
     assert batch(bundle, f"{source}/roll-0/*.png", out) == 0
     previous = rows_by_path(out)
 
-    command = [sys.executable, "-m", "loomwatch.cli", "--quiet", "batch", "--model-uri",
-               str(bundle), "--input", str(source), "--output", str(out),
-               "--checkpoint-every", "1"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    process = batch_process(bundle, source, out)
     work = work_folder(out)
     try:
-
-        def checkpointed() -> bool:
-            return len(list(work.glob("part-*.parquet"))) >= 3 or process.poll() is not None
-
-        wait_until(checkpointed, timeout=120, what="three checkpoints")
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        wait_for_checkpoints(process, work, 3)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
@@ -339,3 +351,34 @@ def test_one_job_at_a_time_per_output(
         one_line_error(capsys, "another loomwatch batch is writing it")
         assert not out.exists()
     assert batch(bundle, archive, out) == 0
+
+
+@pytest.mark.slow
+def test_a_pool_worker_that_dies_fails_the_job_with_exit_2_and_keeps_its_work(
+    bundle: Path, synth_data: Path, tmp_path: Path
+) -> None:
+    source, out = copies(synth_data, tmp_path / "archive"), tmp_path / "out.parquet"
+    process = batch_process(bundle, source, out, "--workers", "2")
+    work = work_folder(out)
+    try:
+        wait_for_checkpoints(process, work, 2)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        workers = [
+            int(pid)
+            for pid in children
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 2, children
+        os.kill(workers[0], signal.SIGKILL)
+        _, errors = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 2, errors
+    lines = errors.strip().splitlines()
+    assert lines[-1].startswith("loomwatch: error: the batch job failed: BrokenProcessPool")
+    assert not out.exists()
+    kept = len(list(work.glob("part-*.parquet")))
+    resumed = run_batch(BatchRequest(str(bundle), str(source), out, progress=False))
+    assert resumed.n_resumed >= kept >= 2 and resumed.exit_code == 0
