@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 
 from loomwatch.cli import main, missing_extra
-from tests.helpers import one_line_error, train_cli, wait_until
+from tests.helpers import one_line_error, real_aitex, train_cli, wait_until
 from training.batch.files import BatchInputError, find_images
 from training.batch.job import BatchRequest, run_batch
 from training.batch.output import (
@@ -83,6 +83,19 @@ def test_folders_give_fabric_roll_and_defect_code(tmp_path: Path) -> None:
     assert found["loose.png"].roll is None
     image = describe_file(root / "roll-17" / "strip_0001.png", root, 1)
     assert image.file_bytes == 1 and image.defect_code is None
+
+
+@pytest.mark.realdata
+def test_the_real_aitex_folder_gives_fabric_and_roll() -> None:
+    root, images = find_images(str(real_aitex()))
+    assert images and not any("_mask" in Path(i.path).name for i in images)
+    for image in images:
+        path = Path(image.path)
+        assert image.fabric == path.stem[-2:], path
+        if path.parent.parent.name == "NoDefect_images":
+            assert (image.roll, image.defect_code) == (path.parent.name, "000"), path
+        else:
+            assert image.roll is None and image.defect_code not in (None, "000"), path
 
 
 def test_a_folder_skips_masks_and_non_images_a_glob_takes_what_it_names(archive: Path) -> None:
