@@ -87,7 +87,7 @@ def test_folders_give_fabric_roll_and_defect_code(tmp_path: Path) -> None:
 
 @pytest.mark.realdata
 def test_the_real_aitex_folder_gives_fabric_and_roll() -> None:
-    root, images = find_images(str(real_aitex()))
+    _, images = find_images(str(real_aitex()))
     assert images and not any("_mask" in Path(i.path).name for i in images)
     for image in images:
         path = Path(image.path)
