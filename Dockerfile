@@ -11,6 +11,11 @@
 #   docker build --target slim --build-arg BUNDLE_DIR=deploy/bundles/fabric-02-onnx \
 #       -t loomwatch:fabric-02-slim .
 #
+# The GPU image (`--target gpu`): the full image with PyTorch's CUDA build; it serves (and trains)
+# on an NVIDIA GPU: `docker run --gpus all` or the compose profile `gpu` (DEVICE=cuda; the host
+# needs the NVIDIA driver and the NVIDIA Container Toolkit; the CUDA libraries come with torch).
+#   docker build --target gpu -t loomwatch:gpu .
+#
 # Build arguments (README "Deployment" has the whole list):
 #   BASE_IMAGE        a Python 3.11 image (default: the official slim one)
 #   TORCH_INDEX_URL   where torch and torchvision come from (default: PyTorch's CPU-only wheels;
@@ -19,6 +24,9 @@
 #   BUNDLE_DIR        a model folder inside the build context to bake in as /app/model: a bundle
 #                     or an exported model (full image), an exported model (slim image)
 #   SLIM_RUNTIME      the slim image's runtime: onnxruntime (default) or openvino
+#   GPU_TORCH_INDEX_URL  where the GPU image's torch comes from (default: PyPI, whose Linux
+#                     wheels are PyTorch's CUDA 13 build; PyTorch's cu126/cu128 indexes suit
+#                     older drivers)
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: a virtual environment with loomwatch, torch and MLflow (the `train` extra) ------
@@ -104,6 +112,38 @@ print('baked model:', m.model_type, m.export.format, m.export.precision, 'on', d
         echo "BUNDLE_DIR=${BUNDLE_DIR} has no manifest.json: not a Loomwatch model" >&2; exit 1; \
     else echo "no model baked in: mount an exported model folder at /app/model"; fi
 
+# ---- gpu-build: the full image's environment with PyTorch's CUDA build ------------------------
+FROM ${BASE_IMAGE} AS gpu-build
+
+ARG GPU_TORCH_INDEX_URL=https://pypi.org/simple
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ARG PIP_INDEX_URL
+ARG PIP_CERT
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PATH=/opt/venv/bin:$PATH
+
+RUN python -m venv /opt/venv \
+    && pip install --index-url "${GPU_TORCH_INDEX_URL}" \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+    && python -c "import torch; assert torch.version.cuda, 'GPU_TORCH_INDEX_URL gave a CPU-only torch'"
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY loomwatch ./loomwatch
+COPY tracking ./tracking
+COPY models ./models
+COPY training ./training
+COPY app ./app
+RUN pip install "/src[train,postgres]" && python -c "import loomwatch.cli, app.main, tracking.uris"
+
+ARG BUNDLE_DIR=deploy/no-bundle
+COPY ${BUNDLE_DIR} /opt/model
+RUN chmod -R a+rX,go-w /opt/model
+
 # ---- serving: what both images share: a non-root user, the settings, the command ------------
 FROM ${BASE_IMAGE} AS serving
 
@@ -148,6 +188,23 @@ LABEL org.opencontainers.image.title="loomwatch-slim" \
 
 COPY --from=slim-build /opt/venv /opt/venv
 COPY --from=slim-build /opt/model /app/model
+
+# ---- gpu: the full image on an NVIDIA GPU (`--target gpu`) ---------------------------------------
+FROM serving AS gpu
+
+LABEL org.opencontainers.image.title="loomwatch-gpu" \
+      org.opencontainers.image.description="Fabric defect detection API on a CUDA GPU (FastAPI, PyTorch, MLflow)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# DEVICE=cuda: no silent CPU fallback (a container without a GPU stops with one line);
+# the NVIDIA runtime reads the two NVIDIA_ variables.
+ENV DEVICE=cuda \
+    PRECISION=32 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+COPY --from=gpu-build /opt/venv /opt/venv
+COPY --from=gpu-build /opt/model /app/model
 
 # ---- final (the default target): the full image ----------------------------------------------
 FROM serving

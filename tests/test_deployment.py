@@ -242,7 +242,36 @@ def test_compose_services_profiles_and_start_order(compose: dict[str, Any]) -> N
     assert services["postgres"]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
     for service in ours(services):
         assert service["build"]["context"] == "."
+        if "gpu" in service.get("profiles", []):  # the GPU image: test_compose_gpu_profile
+            continue
         assert service["image"] == services["api"]["image"], "one image for all services"
+
+
+def test_compose_gpu_profile_reserves_a_gpu_for_the_gpu_image(compose: dict[str, Any]) -> None:
+    """Profile gpu: a trainer and an API built from the Dockerfile's gpu target, each with a
+    device reservation; DEVICE=cuda (no silent CPU fallback); the trainer runs the CPU one's
+    script; the API serves the same champion on its own port."""
+    services = compose["services"]
+    names = {name for name, service in services.items() if "gpu" in service.get("profiles", [])}
+    assert names == {"trainer-gpu", "api-gpu"}
+    gpu = stage("gpu")
+    assert "DEVICE=cuda" in " ".join(args for op, args in gpu if op == "ENV")
+    assert any(op == "COPY" and args.startswith("--from=gpu-build") for op, args in gpu)
+    installs = [args for op, args in stage("gpu-build") if op == "RUN" and "pip install" in args]
+    assert '--index-url "${GPU_TORCH_INDEX_URL}"' in installs[0]
+    assert "torch.version.cuda" in installs[0]  # the build fails on a CPU-only torch
+    for name in names:
+        service = services[name]
+        assert service["build"] == {"context": ".", "target": "gpu"}
+        assert service["image"] != services["api"]["image"]
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert services["trainer-gpu"]["command"] == services["trainer"]["command"]
+    api = services["api-gpu"]
+    assert api["environment"]["MODEL_URI"] == services["api"]["environment"]["MODEL_URI"]
+    assert default_of(api["environment"]["DEVICE"], "GPU_DEVICE") == "cuda"
+    assert [key for key in api["environment"] if not env_name_known(key)] == []
+    assert api["ports"] != services["api"]["ports"]
 
 
 def test_compose_api_serves_what_the_trainer_registers(compose: dict[str, Any]) -> None:
