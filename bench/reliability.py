@@ -254,6 +254,7 @@ def fuzz_run(bundle: Path, workdir: Path, images: list[tuple[str, bytes]], examp
         api_key=SecretStr(FUZZ_KEY),
         cors_origins=[],
         inference_log_path=workdir / "fuzz-inference.jsonl",
+        database_url=f"sqlite:///{workdir / 'fuzz-feedback.db'}",
         inference_threads=1,
     )
     corpus = corpus_for(bundle, images)

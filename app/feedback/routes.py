@@ -22,6 +22,7 @@ PredictionId = Annotated[
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "API_KEY is set and the request has no valid key"},
     404: {"model": ErrorResponse, "description": "no prediction has this id, or no such picture"},
+    422: {"model": ErrorResponse, "description": "a bad parameter or body"},
     503: {"model": ErrorResponse, "description": "the feedback database is off or unavailable"},
 }
 
@@ -108,7 +109,6 @@ def image(store: StoreDep, prediction_id: PredictionId) -> Response:
     summary="Say what it really was",
     status_code=201,
     response_model=FeedbackOut,
-    responses={422: {"model": ErrorResponse, "description": "unknown verdict, note too long"}},
 )
 def give_feedback(
     store: StoreDep,
