@@ -333,7 +333,7 @@ def test_report_per_fabric_and_roll(bundle: Path, archive: Path, tmp_path: Path)
     scores = sorted((r["score"] for r in rows.values()), reverse=True)
     assert [w["score"] for w in fabric["worst"]] == pytest.approx(scores[:2])
     for strip in fabric["worst"]:
-        assert (report / strip["overlay"]).read_bytes().startswith(b"\x89PNG")
+        assert (report / strip["overlay"]).read_bytes().startswith(b"\xff\xd8\xff")  # JPEG
     page = (report / "report.html").read_text()
     assert "Fabric 00" in page and "roll-a" in page and fabric["histogram_png"] in page
 
