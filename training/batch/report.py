@@ -107,6 +107,8 @@ def write_batch_report(out: Path, report_dir: Path, detector: Detector, worst: i
     """``report.html`` and ``report.json`` for the batch output ``out``; the page's path."""
     rows = read_output(out, COLUMNS).to_pandas()
     figures = build_figures(rows, worst)
+    if figures["model"] is not None:  # a model scores the fabric it learned; others look odd
+        figures["model"]["trained_on_fabric"] = detector.manifest.training.get("fabric")
     report_dir.mkdir(parents=True, exist_ok=True)
     sections = [_summary(figures, out)]
     for index, fabric in enumerate(figures["fabrics"]):
@@ -154,6 +156,7 @@ def _summary(figures: dict[str, Any], out: Path) -> str:
         "output": str(out),
         "model": f"{model.get('name')} version {model.get('version')} ({model.get('digest')})",
         "model URI": str(model.get("uri")),
+        "trained on fabric": str(model.get("trained_on_fabric") or "all in its data"),
         "images": f"{overall['images']:,}",
         "scored": f"{overall['scored']:,}",
         "errors": f"{overall['errors']:,}",

@@ -322,6 +322,7 @@ def test_report_per_fabric_and_roll(bundle: Path, archive: Path, tmp_path: Path)
     figures = json.loads((report / "report.json").read_text())
     rows = rows_by_path(out)
     (fabric,) = figures["fabrics"]
+    assert figures["model"]["trained_on_fabric"] is None  # trained on every fabric of its data
     assert fabric["fabric"] == "00" and fabric["images"] == len(rows) == 6
     anomalous = sum(bool(r["is_anomalous"]) for r in rows.values())
     assert fabric["anomalous"] == anomalous and fabric["defect_rate"] == pytest.approx(
