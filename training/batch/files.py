@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from training.batch.schema import ImageFile, describe_file
@@ -33,13 +34,14 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path()
 
 
-def find_images(spec: str) -> tuple[Path, list[ImageFile]]:
+def find_images(spec: str, exclude: Sequence[Path] = ()) -> tuple[Path, list[ImageFile]]:
     """The input's root folder and its files, sorted by path.
 
     A folder: every image file below it (by extension, as the data loaders find them; hidden
     files and AITEX ``Mask_images`` folders left out). A glob (``*``, ``?``, ``[``; ``**``
     recurses): every file it matches, whatever its extension, so a file that is not an image
-    gets a row that says so. A single file: that file.
+    gets a row that says so. A single file: that file. Files below ``exclude`` (the job's own
+    output, work and report folders, when they lie inside the input) are left out.
     """
     if GLOB_CHARACTERS & set(spec):
         root = _absolute(_glob_root(spec))
@@ -62,5 +64,9 @@ def find_images(spec: str) -> tuple[Path, list[ImageFile]]:
                 raise BatchInputError(f"--input {spec}: no image files in this folder")
         else:
             raise BatchInputError(f"--input {spec}: no such file or folder")
+    skipped = [_absolute(folder) for folder in exclude]
+    paths = [p for p in paths if not any(p.is_relative_to(folder) for folder in skipped)]
+    if not paths:
+        raise BatchInputError(f"--input {spec}: no file outside the job's own output and report")
     images = [describe_file(p, root, p.stat().st_size) for p in sorted(set(paths))]
     return root, images

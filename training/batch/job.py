@@ -122,7 +122,8 @@ def run_batch(
     started = time.perf_counter()
     out = request.output
     check_output(out)
-    root, images = find_images(request.input)
+    own = [out, work_folder(out), *([request.report_dir] if request.report_dir else [])]
+    root, images = find_images(request.input, exclude=own)
     say(f"{len(images)} images below {root}")
     folder, model, detector = resolve_model(request.model_uri, request.backend)
     say(f"model {model.name} version {model.version} ({model.type}, {model.digest})")

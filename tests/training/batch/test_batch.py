@@ -113,6 +113,18 @@ def test_a_folder_skips_masks_and_non_images_a_glob_takes_what_it_names(archive:
         (archive / "notes.txt").unlink()
 
 
+def test_the_job_s_own_folders_inside_the_input_are_not_scored(
+    bundle: Path, archive: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "archive"
+    shutil.copytree(archive, source)
+    out, report = source / "results.parquet", source / "report"
+    assert batch(bundle, source, out, report=report, worst=1) == 0
+    assert batch(bundle, source, out, report=report, worst=1) == 0  # report PNGs are not input
+    rows = rows_by_path(out)
+    assert len(rows) == 6 and not any("report" in path for path in rows)
+
+
 def test_inputs_and_outputs_that_cannot_be_used(tmp_path: Path) -> None:
     with pytest.raises(BatchInputError, match="no such file"):
         find_images(str(tmp_path / "missing"))
