@@ -202,7 +202,15 @@ class OpenVinoNetwork:
         self.precision = "int8" if int8 else "fp32"
         self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(count):
-            self.requests.put(self.compiled.create_infer_request())
+            request = self.compiled.create_infer_request()
+            # One call on each request from this thread before any concurrent one: two
+            # threads making the process's first inferences at once can deadlock inside
+            # OpenVINO's Python binding (one holds the GIL and waits on a C++ static's
+            # initialisation guard, the other holds the guard and waits for the GIL: seen as
+            # a service that never became ready, py-spy on both streams in InferRequest.infer).
+            request.infer({port.get_any_name(): np.zeros(port.shape, np.float32)
+                           for port in self.compiled.inputs})  # fmt: skip
+            self.requests.put(request)
         self.streams = Streams(count, self._run_one)
 
     def _run_one(self, tiles: np.ndarray, valid: np.ndarray) -> tuple[Any, Any]:
