@@ -23,11 +23,16 @@ from training.recalibrate import calibration_config
 pytestmark = pytest.mark.slow  # a trained model (one per module)
 
 
+NAME = "recalibrated-fabric"
+
+
 @pytest.fixture(scope="module")
 def bundle(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Trained and registered as version 1 of NAME, alias champion; the bundle folder too."""
     out = tmp_path_factory.mktemp("bundle") / "patchcore"
-    args = ["--quiet", "train", "--model", "patchcore", "--data", str(synth_data)]
-    assert main([*args, *TINY_SET, "--out", str(out), "--max-minutes", "2"]) == 0
+    args = ["--quiet", "train", "--model", "patchcore", "--data", str(synth_data), *TINY_SET]
+    registered = ["--register", NAME, "--alias", "champion"]
+    assert main([*args, "--out", str(out), "--max-minutes", "2", *registered]) == 0
     return out
 
 
@@ -177,12 +182,9 @@ def test_registered_with_the_evidence_and_promotable(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url, _ = feedback
-    name = "recalibrated-fabric"
-    train = ["--quiet", "train", "--model", "patchcore", "--data", str(synth_data), *TINY_SET]
-    assert main([*train, "--out", str(tmp_path / "v1"), "--register", name,
-                 "--alias", "champion"]) == 0  # fmt: skip
+    name = NAME
     capsys.readouterr()
-    champion = f"models:/{name}@champion"
+    champion = f"models:/{name}@champion"  # version 1: the bundle, trained and registered
     assert main(["--quiet", "calibrate", "--model-uri", champion, "--feedback", url,
                  "--out", str(tmp_path / "v2"), "--register", name]) == 0  # fmt: skip
     assert f"model URI: models:/{name}/2" in capsys.readouterr().out
