@@ -31,7 +31,7 @@ from models.preprocessing import valid_area
 from models.registry import model_class
 from models.tile_dataset import TileDataset
 from models.tiling import pad_to_tile, plan_tiles
-from training.calibrate import check_clean_images, fit_calibration, fit_regions
+from training.calibrate import check_clean_images, fit_operating_point
 from training.config import TrainConfig
 from training.data import (
     Dataset,
@@ -43,7 +43,7 @@ from training.data import (
     load_mask,
     split_dataset,
 )
-from training.evaluate import EvaluationResult, analyse_samples, calibration_samples, run_evaluation
+from training.evaluate import EvaluationResult, analyse_samples, run_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -209,17 +209,12 @@ def train(
     detector = Detector(TorchNetwork(model, runtime=runtime), manifest)
     # Validation analyses are kept in memory once, then used to calibrate and to evaluate.
     analysed = list(analyse_samples(detector, split.validation, progress=progress, desc="validate"))
-    rate = config.calibration.negative_pixel_rate
-    samples = calibration_samples(analysed, rate, seed)
-    calibration = fit_calibration(samples, config.calibration, seed)
-    if config.calibration.fit_regions:
-        labelled = [(sample.label, analysis, mask) for sample, analysis, mask in analysed]
-        calibration, settings, regions = fit_regions(
-            detector, labelled, calibration, samples, config.suppression
-        )
-        calibration.evidence["regions"] = regions
-        manifest.suppression = settings.model_dump()
-        detector.suppression = settings
+    labelled = [(sample.label, analysis, mask) for sample, analysis, mask in analysed]
+    calibration, settings = fit_operating_point(
+        detector, labelled, config.calibration, config.suppression, seed
+    )  # the same function re-fits a model's calibration (loomwatch calibrate --data)
+    manifest.suppression = settings.model_dump()
+    detector.suppression = settings
     manifest.calibration = calibration
     evaluation = run_evaluation(detector, analysed, seed=seed)
     del analysed
