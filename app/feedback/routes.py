@@ -56,11 +56,14 @@ def recent(
     limit: Annotated[int, Query(ge=1, le=RECENT_MAX)] = 50,
     decision: Annotated[Literal["anomalous", "normal"] | None, Query()] = None,
     fabric: Annotated[str | None, Query(max_length=64)] = None,
-    verdict: Annotated[Verdict | None, Query(description="the newest feedback's")] = None,
+    verdict: Annotated[
+        Verdict | Literal["none"] | None,
+        Query(description="the newest feedback's; none: predictions without feedback"),
+    ] = None,
     before: Annotated[datetime | None, Query(description="older than this (paging)")] = None,
 ) -> PredictionList:
     """Newest first, with their feedback; filter by decision, fabric and verdict."""
-    rows = store.recent(limit, decision, fabric, verdict.value if verdict else None, before)
+    rows = store.recent(limit, decision, fabric, verdict, before)
     items = [PredictionRecord.of(row) for row in rows]
     return PredictionList(count=len(items), items=items, fabrics=store.fabrics())
 

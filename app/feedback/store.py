@@ -38,6 +38,7 @@ log = logging.getLogger("loomwatch.app")
 MIGRATIONS = Path(__file__).parent / "migrations"
 PURGE_EVERY_S = 600.0  # kept images past their retention are deleted at most this often
 RECENT_MAX = 500
+UNREVIEWED = "none"  # the verdict filter for predictions without feedback
 
 
 class FeedbackUnavailableError(RuntimeError):
@@ -285,7 +286,8 @@ class FeedbackStore:
         verdict: str | None = None,
         before: datetime | None = None,
     ) -> list[PredictionRow]:
-        """Newest first, filtered; ``verdict`` matches a prediction's newest feedback."""
+        """Newest first, filtered; ``verdict`` matches a prediction's newest feedback, and
+        ``"none"`` (UNREVIEWED) the predictions nobody gave feedback on."""
         query = select(PredictionRow).order_by(PredictionRow.created_at.desc(), PredictionRow.id)
         if decision:
             query = query.where(PredictionRow.decision == decision)
@@ -293,7 +295,10 @@ class FeedbackStore:
             query = query.where(PredictionRow.fabric == fabric)
         if before:
             query = query.where(PredictionRow.created_at < before)
-        if verdict:
+        if verdict == UNREVIEWED:
+            given = select(FeedbackRow.id).where(FeedbackRow.prediction_id == PredictionRow.id)
+            query = query.where(~given.exists())
+        elif verdict:
             newest = (
                 select(FeedbackRow.verdict)
                 .where(FeedbackRow.prediction_id == PredictionRow.id)

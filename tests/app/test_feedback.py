@@ -122,6 +122,9 @@ def test_the_list_filters_by_decision_and_verdict(
     assert normal["prediction_id"] not in ids(decision="anomalous")
     assert anomalous["prediction_id"] in ids(decision="anomalous")
     assert ids(verdict="missed_defect") == [normal["prediction_id"]]
+    unreviewed = ids(verdict="none", decision="anomalous")
+    assert anomalous["prediction_id"] in unreviewed and normal["prediction_id"] not in unreviewed
+    assert recording.get("/predictions", params={"verdict": "maybe"}).status_code == 422
     assert ids(limit=1) == [anomalous["prediction_id"]]  # newest first
     assert ids(fabric="no-such-fabric") == []
 
