@@ -325,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="larger files get an error row unread (256 MiB)",
     )
     _backend_option(batch)
+    _runtime_options(batch)
 
     demo = commands.add_parser(
         "demo",
@@ -790,6 +791,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         worst=args.worst,
         checkpoint_every=args.checkpoint_every,
         max_bytes=args.max_bytes,
+        device=args.device,
+        precision=args.precision,
         progress=not args.quiet,
     )
     say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))

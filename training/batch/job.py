@@ -27,7 +27,7 @@ from training.batch.output import (
     work_folder,
     write_output_local,
 )
-from training.batch.schema import ImageFile, ModelInfo
+from training.batch.schema import IDENTITY, ImageFile, ModelInfo
 from training.batch.scoring import DEFAULT_MAX_BYTES, WorkerSettings
 
 log = logging.getLogger("loomwatch.batch")
@@ -52,6 +52,8 @@ class BatchRequest:
     worst: int = 8
     checkpoint_every: int = 256
     max_bytes: int = DEFAULT_MAX_BYTES
+    device: str = "auto"  # where the network runs (models/device.py), as for predict
+    precision: str = "32"
     progress: bool = True
 
 
@@ -98,11 +100,13 @@ def check_request(request: BatchRequest) -> None:
         raise BatchSettingsError("--worst must be >= 0")
 
 
-def resolve_model(uri: str, backend: str) -> tuple[Path, ModelInfo, Detector]:
+def resolve_model(
+    uri: str, backend: str, device: str = "auto", precision: str = "32"
+) -> tuple[Path, ModelInfo, Detector]:
     """The model's local folder, what rows name it by, and the driver's detector (which proves
     the model loads before any worker starts, and draws the report's overlays)."""
     folder = resolve_model_uri(uri)
-    detector = Detector.from_bundle(folder, backend=backend)
+    detector = Detector.from_bundle(folder, backend=backend, device=device, precision=precision)
     digest = folder_digest(folder)
     name, version = name_and_version(pin_model_uri(uri), folder, digest)
     info = ModelInfo(uri, name, version, digest, detector.manifest.model_type)
@@ -125,7 +129,9 @@ def run_batch(
     own = [out, work_folder(out), *([request.report_dir] if request.report_dir else [])]
     root, images = find_images(request.input, exclude=own)
     say(f"{len(images)} images below {root}")
-    folder, model, detector = resolve_model(request.model_uri, request.backend)
+    folder, model, detector = resolve_model(
+        request.model_uri, request.backend, request.device, request.precision
+    )
     say(f"model {model.name} version {model.version} ({model.type}, {model.digest})")
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
@@ -149,7 +155,9 @@ def _score(
 ) -> BatchSummary:
     """Skip what is done, score the rest, write the output; the summary of the output."""
     started = time.perf_counter()
-    done = done_paths(out, model.digest)
+    identity = dict(zip(IDENTITY, (model.digest, detector.backend, detector.precision),
+                        strict=True))  # fmt: skip
+    done = done_paths(out, identity)
     todo = [image for image in images if image.path not in done]
     resumed = len(images) - len(todo)
     if resumed:
@@ -161,6 +169,8 @@ def _score(
         threads=max(1, cores(None) // request.workers),
         engine=request.engine,
         max_bytes=request.max_bytes,
+        device=request.device,
+        precision=request.precision,
     )
     info = {
         "model": asdict(model),
@@ -179,7 +189,7 @@ def _score(
             run_local(todo, settings, request.workers, work_folder(out),
                       request.checkpoint_every, progress.update, detector)  # fmt: skip
             scoring = time.perf_counter() - scoring_started
-            write_output_local(final_rows(out, model.digest, paths), out, info)
+            write_output_local(final_rows(out, identity, paths), out, info)
         else:
             from training.batch.spark import run_spark, spark_session, write_output_spark
 
@@ -188,7 +198,7 @@ def _score(
                 run_spark(spark, todo, settings, work_folder(out), request.checkpoint_every,
                           progress.update)  # fmt: skip
                 scoring = time.perf_counter() - scoring_started
-                write_output_spark(spark, out, model.digest, paths, info)
+                write_output_spark(spark, out, identity, paths, info)
             finally:
                 spark.stop()
     finally:

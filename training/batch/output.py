@@ -85,15 +85,23 @@ def read_checkpoints(work: Path, columns: list[str] | None = None) -> pa.Table:
     return dataset.to_table(columns=columns)
 
 
-def done_paths(out: Path, digest: str) -> set[str]:
-    """Paths already scored, without error, by the model of ``digest``: in the output or in a
-    checkpoint of an unfinished run."""
-    columns = ["path", "model_digest", "error"]
+def _same(table: pa.Table, identity: dict[str, str]) -> pa.ChunkedArray | pa.Array:
+    """Rows made by the job's model on the job's runtime (:data:`IDENTITY`)."""
+    match = pa.array([True] * table.num_rows, pa.bool_())
+    for column, value in identity.items():
+        match = pc.and_(match, pc.fill_null(pc.equal(table[column], value), False))
+    return match
+
+
+def done_paths(out: Path, identity: dict[str, str]) -> set[str]:
+    """Paths already scored, without error, by the same model on the same backend and precision
+    (``identity``: :data:`IDENTITY`'s columns and values): in the output or in a checkpoint of an
+    unfinished run."""
+    columns = ["path", "error", *identity]
     done: set[str] = set()
     for table in (read_output(out, columns), read_checkpoints(work_folder(out), columns)):
-        for path, model, error in zip(*(table[c].to_pylist() for c in columns), strict=True):
-            if model == digest and error is None:
-                done.add(path)
+        kept = table.filter(pc.and_(_same(table, identity), pc.is_null(table["error"])))
+        done.update(kept["path"].to_pylist())
     return done
 
 
@@ -108,16 +116,14 @@ def write_checkpoint(work: Path, rows: pa.Table) -> Path:
     return final
 
 
-def final_rows(out: Path, digest: str, paths: Collection[str]) -> pa.Table:
+def final_rows(out: Path, identity: dict[str, str], paths: Collection[str]) -> pa.Table:
     """The rows of the finished job: per input path, the newest row of this model, from the
     previous output (scored rows only: its errors were tried again) and the checkpoints."""
     wanted = pa.array(sorted(set(paths)), pa.string())
     previous = read_output(out)
-    previous = previous.filter(
-        pc.and_(pc.equal(previous["model_digest"], digest), pc.is_null(previous["error"]))
-    )
+    previous = previous.filter(pc.and_(_same(previous, identity), pc.is_null(previous["error"])))
     current = read_checkpoints(work_folder(out))
-    current = current.filter(pc.equal(current["model_digest"], digest))
+    current = current.filter(_same(current, identity))
     rows = pa.concat_tables([previous, current])
     rows = rows.filter(pc.is_in(rows["path"], value_set=wanted))
     rows = rows.sort_by([("path", "ascending"), ("scored_at", "ascending")])

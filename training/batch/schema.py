@@ -21,6 +21,9 @@ import pyarrow as pa
 from models.pipeline import Prediction
 from training.data import parse_aitex_name
 
+# What makes two rows of an image the same result: resuming keeps rows that match the job's.
+IDENTITY = ("model_digest", "backend", "precision")
+
 # Folders of the AITEX layout whose name is a category, not a roll.
 AITEX_CATEGORY_FOLDERS = frozenset({"defect_images", "nodefect_images", "mask_images"})
 
@@ -61,6 +64,8 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
      "resuming compares"),
     ("model_type", pa.string(), "draem, vae or patchcore"),
     ("backend", pa.string(), "what ran the network: torch, onnxruntime, openvino"),
+    ("device", pa.string(), "where it ran: cpu, cuda:0, ..."),
+    ("precision", pa.string(), "its arithmetic: 32, bf16, 16-mixed"),
     ("engine", pa.string(), "local or spark"),
     ("scored_at", pa.timestamp("us", tz="UTC"), "when the row was made"),
     ("error", pa.string(), "null when scored; else why the image could not be scored"),
@@ -133,7 +138,9 @@ def rle_to_mask(rle: dict[str, list[int]] | str) -> np.ndarray:
     return flat.reshape((height, width), order="F")
 
 
-def _base_row(image: ImageFile, model: ModelInfo, engine: str, backend: str) -> dict[str, Any]:
+def _base_row(
+    image: ImageFile, model: ModelInfo, engine: str, runtime: dict[str, str]
+) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(SCHEMA.names)
     row.update(
         path=image.path,
@@ -146,7 +153,9 @@ def _base_row(image: ImageFile, model: ModelInfo, engine: str, backend: str) -> 
         model_version=model.version,
         model_digest=model.digest,
         model_type=model.type,
-        backend=backend,
+        backend=runtime["backend"],
+        device=runtime["device"],
+        precision=runtime["precision"],
         engine=engine,
         scored_at=datetime.now(UTC),
     )
@@ -159,14 +168,14 @@ def scored_row(
     read_seconds: float,
     model: ModelInfo,
     engine: str,
-    backend: str,
+    runtime: dict[str, str],
 ) -> dict[str, Any]:
     """The row of an image the pipeline scored, with the values ``loomwatch predict`` writes."""
     summary = prediction.summary()
     height, width = prediction.analysis.image.shape
     timings = {"read": round(read_seconds * 1000.0, 3)}
     timings |= {stage: round(s * 1000.0, 3) for stage, s in prediction.timings.items()}
-    row = _base_row(image, model, engine, backend)
+    row = _base_row(image, model, engine, runtime)
     row.update(
         width=int(width),
         height=int(height),
@@ -189,10 +198,10 @@ def scored_row(
 
 
 def error_row(
-    image: ImageFile, error: str, model: ModelInfo, engine: str, backend: str
+    image: ImageFile, error: str, model: ModelInfo, engine: str, runtime: dict[str, str]
 ) -> dict[str, Any]:
     """The row of an image that could not be scored: every result column null, ``error`` set."""
-    row = _base_row(image, model, engine, backend)
+    row = _base_row(image, model, engine, runtime)
     row["error"] = error
     return row
 

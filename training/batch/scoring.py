@@ -39,15 +39,18 @@ class WorkerSettings:
     engine: str = "local"
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    device: str = "auto"
+    precision: str = "32"
 
 
-_DETECTORS: dict[tuple[str, str, int | None], Detector] = {}
+_DETECTORS: dict[tuple[str, str, int | None, str, str], Detector] = {}
 
 
 def worker_detector(settings: WorkerSettings) -> Detector:
     """The worker's detector, loaded on first use and kept for the life of the process. The
     folder's digest must be the driver's: every row names the model that scored it."""
-    key = (settings.folder, settings.backend, settings.threads)
+    key = (settings.folder, settings.backend, settings.threads, settings.device,
+           settings.precision)  # fmt: skip
     detector = _DETECTORS.get(key)
     if detector is None:
         digest = folder_digest(settings.folder)
@@ -56,17 +59,29 @@ def worker_detector(settings: WorkerSettings) -> Detector:
                 f"{settings.folder}: model digest {digest}, the job's is {settings.model.digest}"
             )
         detector = Detector.from_bundle(
-            settings.folder, backend=settings.backend, threads=settings.threads
+            settings.folder,
+            backend=settings.backend,
+            threads=settings.threads,
+            device=settings.device,
+            precision=settings.precision,
         )
         _DETECTORS[key] = detector
     return detector
 
 
+def runtime_of(detector: Detector) -> dict[str, str]:
+    """What ran the network, as the rows record it."""
+    return {"backend": detector.backend, "device": detector.device,
+            "precision": detector.precision}  # fmt: skip
+
+
 def score_file(detector: Detector, image: ImageFile, settings: WorkerSettings) -> dict[str, Any]:
     """One image's row: scored, or an error row; never raises for a bad file."""
 
+    runtime = runtime_of(detector)
+
     def failed(reason: str) -> dict[str, Any]:
-        return error_row(image, reason, settings.model, settings.engine, detector.backend)
+        return error_row(image, reason, settings.model, settings.engine, runtime)
 
     started = time.perf_counter()
     path = Path(image.path)
@@ -84,8 +99,7 @@ def score_file(detector: Detector, image: ImageFile, settings: WorkerSettings) -
         return failed(str(exc))
     except Exception as exc:  # one image must not stop the job: its row says what happened
         return failed(f"scoring failed: {type(exc).__name__}: {exc}")
-    return scored_row(image, prediction, read_seconds, settings.model, settings.engine,
-                      detector.backend)  # fmt: skip
+    return scored_row(image, prediction, read_seconds, settings.model, settings.engine, runtime)
 
 
 def score_files(images: Iterable[ImageFile], settings: WorkerSettings) -> Iterator[dict[str, Any]]:

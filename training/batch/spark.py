@@ -168,7 +168,11 @@ def run_spark(
 
 
 def write_output_spark(
-    spark: SparkSession, out: Path, digest: str, paths: Collection[str], info: dict[str, Any]
+    spark: SparkSession,
+    out: Path,
+    identity: dict[str, str],
+    paths: Collection[str],
+    info: dict[str, Any],
 ) -> None:
     """The output, written by Spark: per input path the newest row of this model, from the
     previous output (its scored rows) and the checkpoints, partitioned by fabric."""
@@ -176,7 +180,9 @@ def write_output_spark(
     from pyspark.sql import functions as F
 
     schema = spark_schema(SCHEMA)
-    this_model = F.col("model_digest") == F.lit(digest)
+    this_model = F.lit(True)
+    for column, value in identity.items():  # the same model, backend and precision
+        this_model = this_model & (F.col(column) == F.lit(value))
     parts = []
     if (out / MARKER).is_file():
         previous = spark.read.schema(schema).parquet(_read_uri(out))

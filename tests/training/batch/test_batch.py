@@ -193,6 +193,7 @@ def test_rows_equal_predict_s_results(bundle: Path, archive: Path, tmp_path: Pat
                                                  expected["image_size"]["height"])  # fmt: skip
         assert row["error"] is None and row["engine"] == "local"
         assert row["model_digest"].startswith("sha256:") and row["model_type"] == "patchcore"
+        assert (row["backend"], row["device"], row["precision"]) == ("torch", "cpu", "32")
         assert json.loads(row["timings_ms"])["model"] > 0
     assert {row["roll"] for row in rows.values()} == {None, "roll-a", "roll-b"}
     assert {row["fabric"] for row in rows.values()} == {"00"}
@@ -245,6 +246,10 @@ def test_rerun_skips_what_this_model_scored_and_a_new_model_scores_again(
     again = run_batch(BatchRequest(str(bundle), str(archive), out, progress=False))
     assert (again.n_scored_now, again.n_resumed, again.exit_code) == (0, 6, 0)
     assert rows_by_path(out).keys() == {i.path for i in find_images(str(archive))[1]}
+    bf16 = run_batch(BatchRequest(str(bundle), str(archive), out, progress=False,
+                                  device="cpu", precision="bf16"))  # fmt: skip
+    assert (bf16.n_scored_now, bf16.n_resumed) == (6, 0)  # other arithmetic: other results
+    assert {row["precision"] for row in rows_by_path(out).values()} == {"bf16"}
 
     other = tmp_path / "other-model"
     shutil.copytree(bundle, other)
