@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from models.overlay import encode_png, render_overlay, wrap_wide
 from models.pipeline import Analysis, Detector, Prediction
-from training.calibrate import CalibrationSamples, describe_operating_point
+from training.calibrate import describe_operating_point
 from training.data import Sample, has_pixel_labels, load_image, load_mask
 from training.decisions import StripOutcome, count_regions, decision_metrics, per_defect_decisions
 from training.metrics import EvaluationAccumulator, ImageRecord, to_jsonable
@@ -66,13 +66,6 @@ def analyse_samples(
         analysis = detector.analyse(image)
         mask = load_mask(sample, image.shape) if has_pixel_labels(sample) else None
         yield sample, analysis, mask
-
-
-def calibration_samples(analysed: Iterable[Analysed], rate: float, seed: int) -> CalibrationSamples:
-    samples = CalibrationSamples(rate=rate, seed=seed)
-    for sample, analysis, mask in analysed:
-        samples.add(analysis.score, sample.label, analysis.anomaly_map, analysis.valid, mask)
-    return samples
 
 
 def run_evaluation(
