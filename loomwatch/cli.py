@@ -866,6 +866,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"to serve it: loomwatch {' '.join(serve)}")
         return code
     print(f"$ loomwatch {' '.join(serve)}    (Ctrl-C stops it)", flush=True)
+    host = args.host or os.environ.get("HOST") or "127.0.0.1"
+    port = args.port if args.port is not None else os.environ.get("PORT") or 8000
+    print(f"review page: http://{host}:{port}/ui   API docs: http://{host}:{port}/docs", flush=True)
     return main([*quiet, *serve])
 
 
