@@ -24,7 +24,6 @@ synchronised around each part; their means per step end in the summary (``step_*
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import queue
@@ -180,12 +179,7 @@ def train_epoch(
     totals = EpochTotals()
     steps = len(loader)
     background = context.prefetch if context.prefetch is not None else not context.runtime.on_cpu
-    # islice: never ask the loader past its last batch, with or without a thread (exhausting
-    # its sampler draws one more permutation from the generator, changing later epochs)
-    batches_in = itertools.islice(loader, steps)
-    source: Iterable[Any] = (
-        Prefetch(batches_in, prepare) if background else map(prepare, batches_in)
-    )
+    source: Iterable[Any] = Prefetch(loader, prepare) if background else map(prepare, loader)
     try:
         stream = iter(batches(source, context, epoch, steps))
         for index in range(steps):
@@ -196,11 +190,15 @@ def train_epoch(
             if batch is None:
                 break
             values, last = train_batch(epoch + index / steps, batch)
-        if not math.isfinite(values["loss"]):
-            log.warning("%s loss is not finite at epoch %d; fitting stops", name, epoch)
-            totals.non_finite = True
-            return totals
-        totals.add(values, last)
+            if not math.isfinite(values["loss"]):
+                log.warning("%s loss is not finite at epoch %d; fitting stops", name, epoch)
+                totals.non_finite = True
+                return totals
+            totals.add(values, last)
+        # Ask once more, as a for loop over the loader does: its sampler draws one more
+        # permutation from the generator when it runs out, and later epochs depend on that
+        # (the background thread runs the loader out by itself).
+        next(stream, None)
     finally:
         if isinstance(source, Prefetch):
             source.__exit__(None, None, None)

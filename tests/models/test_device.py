@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,36 @@ def test_prefetching_the_data_stage_changes_nothing() -> None:
     model = tiny_draem()
     model.load_state_dict(states[1])
     assert same_state(model, states[0])
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_an_epoch_averages_every_batch_and_a_cut_epoch_counts_what_ran(prefetch: bool) -> None:
+    from torch.utils.data import DataLoader
+
+    from models.epochs import train_epoch
+
+    loader: DataLoader[Any] = DataLoader(woven_tile_set(3), batch_size=4)  # 12 tiles, 3 batches
+    context = FitContext(progress=False, prefetch=prefetch)
+    seen: list[float] = []
+
+    def step(progress: float, batch: Any) -> tuple[dict[str, float], dict[str, float]]:
+        seen.append(progress)
+        return {"loss": float(len(seen))}, {"lr": 0.1}
+
+    totals = train_epoch(loader, context, step, 0, float("inf"), "test")
+    assert totals.finished and totals.batches == 3 and seen == pytest.approx([0, 1 / 3, 2 / 3])
+    assert totals.outcome().metrics == {"loss": 2.0, "lr": 0.1}  # type: ignore[union-attr]
+    seen.clear()
+
+    def slow_step(progress: float, batch: Any) -> tuple[dict[str, float], dict[str, float]]:
+        seen.append(progress)
+        time.sleep(0.3)
+        return {"loss": float(len(seen))}, {}
+
+    # the third batch would start after the stop time: two ran, their mean is reported
+    cut = train_epoch(loader, context, slow_step, 0, time.monotonic() + 0.45, "test")
+    assert not cut.finished and cut.batches == 2
+    assert cut.outcome().metrics == {"loss": 1.5}  # type: ignore[union-attr]
 
 
 def test_profiled_steps_report_their_parts() -> None:
