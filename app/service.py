@@ -40,7 +40,14 @@ from app.schemas import (
     SuppressionLog,
 )
 from app.settings import Settings
-from models.overlay import encode_png, heatmap, png_base64, render_overlay, thumbnail, wrap_wide
+from models.overlay import (
+    encode_png,
+    heatmap,
+    png_base64,
+    render_overlay,
+    render_thumbnail,
+    wrap_wide,
+)
 from models.pipeline import Analysis, Prediction
 from models.postprocess import SuppressionSettings
 from models.preprocessing import ImageDecodeError
@@ -162,13 +169,11 @@ class Scorer:
             picture_b64 = png_base64(heatmap(prediction.normalized_map))
             heat = HeatmapOut(width=width, height=height, png_base64=picture_b64)
         picture = small = None
-        keep_thumbnail = self.store is not None and self.store.thumbnails
-        if overlay or keep_thumbnail:
+        if overlay:
             rendered = render_overlay(prediction)
-            if overlay:
-                picture = encode_png(wrap_wide(rendered) if wrap else rendered)
-            if keep_thumbnail:
-                small = encode_png(thumbnail(rendered))
+            picture = encode_png(wrap_wide(rendered) if wrap else rendered)
+        if self.store is not None and self.store.thumbnails:
+            small = encode_png(render_thumbnail(prediction))
         sha256 = hashlib.sha256(upload.data).hexdigest()
         finished = time.perf_counter()
         seconds = {k: v for k, v in prediction.timings.items() if k != "total"}

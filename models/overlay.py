@@ -42,12 +42,7 @@ def render_overlay(
     at 0.75), so normal fabric stays readable. `truth`, a ground-truth mask, is outlined in green.
     """
     analysis = prediction.analysis
-    grey = cv2.cvtColor(analysis.image, cv2.COLOR_GRAY2BGR).astype(np.float32)
-    heat = heatmap(prediction.normalized_map).astype(np.float32)
-    weight = alpha * np.clip((prediction.normalized_map - 0.25) / 0.5, 0.0, 1.0)[..., None]
-    blended = grey * (1.0 - weight) + heat * weight
-    out = np.where(analysis.valid[..., None], blended, grey * 0.5).astype(np.uint8)
-    out = np.ascontiguousarray(out)
+    out = _blend(analysis.image, prediction.normalized_map, analysis.valid, alpha)
     for region in prediction.post.suppressed:
         corner = (region.x + region.width - 1, region.y + region.height - 1)
         cv2.rectangle(out, (region.x, region.y), corner, SUPPRESSED_BGR, 1)
@@ -66,11 +61,38 @@ def render_overlay(
     return out
 
 
-def thumbnail(picture: np.ndarray, width: int = 512, height: int = 128) -> np.ndarray:
-    """The picture shrunk (never enlarged) to fit ``width`` x ``height``, keeping its shape."""
-    scale = min(width / picture.shape[1], height / picture.shape[0], 1.0)
-    size = (max(1, round(picture.shape[1] * scale)), max(1, round(picture.shape[0] * scale)))
-    return np.asarray(cv2.resize(picture, size, interpolation=cv2.INTER_AREA))
+def _blend(
+    image: np.ndarray, normalized_map: np.ndarray, valid: np.ndarray, alpha: float
+) -> np.ndarray:
+    """The heatmap over the grey fabric, in proportion to the score; padding greyed out."""
+    grey = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR).astype(np.float32)
+    heat = heatmap(normalized_map).astype(np.float32)
+    weight = alpha * np.clip((normalized_map - 0.25) / 0.5, 0.0, 1.0)[..., None]
+    blended = grey * (1.0 - weight) + heat * weight
+    return np.ascontiguousarray(np.where(valid[..., None], blended, grey * 0.5).astype(np.uint8))
+
+
+def render_thumbnail(
+    prediction: Prediction, width: int = 512, height: int = 128, alpha: float = 0.6
+) -> np.ndarray:
+    """A small overlay (at most ``width`` x ``height``, the strip's shape kept), drawn at its own
+    size, which costs a fraction of shrinking the full one: the fabric and its heatmap shrunk,
+    padding greyed, and each kept region boxed in red, at least a pixel wide, so that even a
+    defect smaller than a thumbnail pixel shows."""
+    analysis = prediction.analysis
+    full_height, full_width = analysis.image.shape
+    scale = min(width / full_width, height / full_height, 1.0)
+    size = (max(1, round(full_width * scale)), max(1, round(full_height * scale)))
+    grey = cv2.resize(analysis.image, size, interpolation=cv2.INTER_AREA)
+    scores = cv2.resize(prediction.normalized_map, size, interpolation=cv2.INTER_AREA)
+    valid = cv2.resize(analysis.valid.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    out = _blend(grey, scores, valid > 0, alpha)
+    for region in prediction.post.kept:
+        left, top = int(region.x * scale), int(region.y * scale)
+        right = max(left, int((region.x + region.width) * scale))
+        bottom = max(top, int((region.y + region.height) * scale))
+        cv2.rectangle(out, (left, top), (right, bottom), KEPT_BGR, 1)
+    return out
 
 
 def wrap_wide(picture: np.ndarray, max_ratio: float = 4.0) -> np.ndarray:

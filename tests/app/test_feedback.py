@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -28,6 +29,8 @@ from app.feedback.store import (
 from app.feedback.tables import NOTE_MAX_CHARS, Base
 from app.main import create_app
 from app.model import StartupError
+from models.overlay import render_thumbnail
+from models.pipeline import Detector
 from tests.helpers import make_settings, post_image
 
 
@@ -343,3 +346,20 @@ def test_a_kept_image_is_removed_when_its_record_fails(tmp_path: Path) -> None:
         store.record([item])
     assert not list(images.rglob("*.*"))  # no image without its record
     store.close()
+
+
+def test_the_thumbnail_is_drawn_small_and_keeps_small_defects_visible(
+    bundle: Path, defect_strip: np.ndarray, clean_strip: np.ndarray
+) -> None:
+    detector = Detector.from_bundle(bundle)
+    wide = np.concatenate([clean_strip, defect_strip, clean_strip, clean_strip], axis=1)
+    prediction = detector.predict(wide)  # 2048 x 128: a quarter of its size fits 512 x 128
+    assert prediction.post.kept
+    small = render_thumbnail(prediction)
+    assert small.shape == (32, 512, 3)
+    red = (small[..., 2] > 200) & (small[..., 1] < 50) & (small[..., 0] < 50)
+    columns = np.flatnonzero(red.any(axis=0))
+    for region in prediction.post.kept:  # each kept region boxed where it is, scaled
+        assert any(abs(c - region.x / 4) <= 2 for c in columns), (region.x, columns)
+    calm = render_thumbnail(detector.predict(np.concatenate([clean_strip] * 4, axis=1)))
+    assert not ((calm[..., 2] > 200) & (calm[..., 1] < 50) & (calm[..., 0] < 50)).any()
