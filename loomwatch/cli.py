@@ -152,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train, calibrate, evaluate and save a model")
     train.add_argument("--model", required=True, help=f"one of {', '.join(MODEL_NAMES)}")
     train.add_argument("--data", type=Path, required=True)
-    train.add_argument("--fabric", help="AITEX fabric code (e.g. 02) or MVTec category")
+    train.add_argument(
+        "--fabric",
+        help="AITEX fabric code (e.g. 02) or MVTec category; all: one model per fabric (a fleet: "
+        "--out FLEET, registered as NAME-FF; see docs/fleets.md)",
+    )
     train.add_argument(
         "--config", type=Path, help="YAML file with config sections, or a packaged config name"
     )
@@ -447,6 +451,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, _ = load_config(args.model, args.config, args.overrides)
     runtime = _train_runtime(args, config)  # a device this machine lacks: one line, no run
     config_file = resolve_config_file(args.config) if args.config is not None else None
+    if args.fabric is not None and args.fabric.strip().lower() == "all":
+        return _train_fleet(args, config, runtime, config_file)
     dataset = load_dataset(args.data, fabric=args.fabric)  # the folder, its images, the fabric
     split = split_dataset(dataset, config.data.val_fraction, args.seed)  # images to train on
     check_split(split, config, str(args.data))  # and enough held back for the operating point
@@ -515,6 +521,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model URI: {run.model_uri}")
     if args.register and args.alias:
         print(f"alias: models:/{args.register}@{args.alias}")
+    return 0
+
+
+def _train_fleet(
+    args: argparse.Namespace, config: Any, runtime: Any, config_file: Path | None
+) -> int:
+    """``train --fabric all``: one model per fabric, a fleet folder (training/fleet.py)."""
+    from training.fleet import check_fleet_data, fleet_fabrics, train_fleet
+
+    if args.out is None:
+        raise CliError("--fabric all needs --out FLEET (the fleet folder to write)")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise CliError(f"--out {args.out} exists and is not an empty folder")
+    fabrics = fleet_fabrics(args.data)
+    for fabric in fabrics if args.register else ():
+        _check_registration(f"{args.register}-{fabric}", args.alias)
+    check_fleet_data(args.data, fabrics, config, args.seed)  # before any MLflow run opens
+    result = train_fleet(
+        args.model,
+        args.data,
+        config,
+        out=args.out,
+        fabrics=fabrics,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        runtime=runtime,
+        register=args.register,
+        alias=args.alias,
+        config_file=config_file,
+        progress=not args.quiet,
+        say=lambda text: print(text, flush=True),
+    )
+    print(f"fleet: {result.folder / 'fleet.json'} ({len(fabrics)} fabrics: {', '.join(fabrics)})")
+    print(f"MLflow run: {result.parent_run_id}")
+    print(f"model URI: {result.folder} (or {result.uri})")
     return 0
 
 

@@ -268,13 +268,17 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 
 @contextmanager
 def training_run(
-    run_name: str, tags: Mapping[str, str], *, progress: bool = False
+    run_name: str, tags: Mapping[str, str], *, progress: bool = False, nested: bool = False
 ) -> Iterator[TrainingRun]:
-    """Open a run; end it FINISHED, FAILED (exception) or KILLED (Ctrl-C, SIGTERM, timeout)."""
+    """Open a run; end it FINISHED, FAILED (exception) or KILLED (Ctrl-C, SIGTERM, timeout).
+
+    ``nested``: a child of the run already open (one fabric's run under its fleet's run)."""
     store = use_tracking_store(progress=progress)
     experiment = experiment_id()
     with mlflow_errors("MLflow run"):
-        run = mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=dict(tags))
+        run = mlflow.start_run(
+            experiment_id=experiment, run_name=run_name, tags=dict(tags), nested=nested
+        )
     previous = _handle_sigterm()
     status = RunStatus.FAILED
     try:
