@@ -260,7 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="move alias 'champion' to the newest version when the 95%% CI of its improvement "
         "on the same strips lies above a margin",
     )
-    promote.add_argument("name", metavar="NAME", help="registered model name")
+    promote.add_argument(
+        "name",
+        metavar="NAME",
+        help="registered model name, or the NAME a fleet was registered under (train --fabric "
+        "all --register NAME): each fabric's model NAME-FF is judged and promoted on its own",
+    )
     promote.add_argument(
         "--metric",
         default="decision_balance",
@@ -580,6 +585,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.data import fingerprint, load_dataset, split_dataset
     from training.evaluate import analyse_samples, evaluation_summary, run_evaluation, write_outputs
 
+    if _is_fleet(args.model_uri):
+        return _evaluate_fleet(args)
     bundle = resolve_model_uri(args.model_uri)
     detector = Detector.from_bundle(
         bundle, backend=args.backend, device=args.device, precision=args.precision
@@ -614,6 +621,47 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(_decision_line(summary), file=sys.stderr)
     if report is not None:
         print(f"report: {report}", file=sys.stderr)
+    return 0
+
+
+def _is_fleet(uri: str) -> bool:
+    from tracking.fleet import is_fleet_uri
+
+    return is_fleet_uri(uri)
+
+
+def _evaluate_fleet(args: argparse.Namespace) -> int:
+    """``evaluate`` of a fleet: every fabric it has a model for (training/fleet_eval.py)."""
+    from tracking.fleet import resolve_fleet
+    from training.evaluate import evaluation_summary, write_outputs
+    from training.fleet_eval import evaluate_fleet, table, write_fleet_report, write_json
+
+    fleet = resolve_fleet(args.model_uri)
+    summary, judgements = evaluate_fleet(
+        fleet,
+        args.data,
+        split=args.split,
+        fabric=args.fabric,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        progress=not args.quiet,
+    )
+    if args.json_path is not None:
+        write_json(args.json_path, summary)
+    print(table(summary))
+    for fabric, reason in summary["skipped"].items():
+        print(f"fabric {fabric} skipped: {reason}", file=sys.stderr)
+    if args.report_dir is not None:
+
+        def write_one(judgement: Any, folder: Path) -> Path | None:
+            single = evaluation_summary(judgement.detector, judgement.result, judgement.uri)
+            scope = f"{args.data} ({args.split}, fabric {judgement.fabric})"
+            return write_outputs(judgement.detector, judgement.result, single, json_path=None,
+                                 report_dir=folder, data=scope)  # fmt: skip
+
+        page = write_fleet_report(args.report_dir, summary, judgements, str(args.data), write_one)
+        print(f"report: {page}", file=sys.stderr)
     return 0
 
 
@@ -799,9 +847,18 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from tracking.store import use_tracking_store
     from training.promote import promote
 
+    use_tracking_store(progress=not args.quiet)
+    from training.fleet import fleet_model_names, promote_fleet
+
+    fleet = fleet_model_names(args.name)  # NAME-FF models of a fleet registered as NAME
+    if fleet:
+        lines = promote_fleet(fleet, args.metric, data=args.data, fabric=args.fabric,
+                              margin=args.margin, resamples=args.resamples,
+                              progress=not args.quiet)  # fmt: skip
+        print("\n".join(lines))
+        return 0
     if args.fabric is not None and args.data is None:
         raise CliError("--fabric needs --data DIR")
-    use_tracking_store(progress=not args.quiet)
     decision = promote(
         args.name,
         args.metric,

@@ -225,3 +225,58 @@ def _finite(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+# ---- promotion of a fleet -----------------------------------------------------------------------
+
+
+def fleet_model_names(name: str) -> dict[str, str]:
+    """Fabric -> registered model name, for the models ``NAME-FF`` of a fleet registered as
+    NAME; empty when NAME itself is a registered model (a single model) or none is found."""
+    from tracking.store import mlflow_errors
+
+    client = mlflow.MlflowClient()
+    with mlflow_errors(f"registered model '{name}'"):
+        if client.search_registered_models(filter_string=f"name = '{name}'"):
+            return {}
+        found = client.search_registered_models(filter_string=f"name LIKE '{name}-%'")
+    prefix = f"{name}-"
+    return {m.name.removeprefix(prefix): m.name for m in sorted(found, key=lambda m: m.name)
+            if "-" not in m.name.removeprefix(prefix)}  # fmt: skip
+
+
+def promote_fleet(
+    names: dict[str, str],
+    metric: str,
+    *,
+    data: Path | None,
+    fabric: str | None,
+    margin: float,
+    resamples: int,
+    progress: bool,
+) -> list[str]:
+    """Promote each fabric's model on its own, as a single model is (``training.promote``):
+    the newest version of NAME-FF against its champion, on that fabric's strips only (``data``
+    with ``--fabric FF``, or the validation strips both versions share). One line per fabric."""
+    from training.promote import promote
+
+    chosen = names
+    if fabric is not None:
+        chosen = {f: n for f, n in names.items() if f.lower() == fabric.strip().lower()}
+        if not chosen:
+            raise DatasetError(
+                f"the fleet has no model for fabric {fabric!r}; its fabrics: {', '.join(names)}"
+            )
+    lines = []
+    for code, registered in chosen.items():
+        decision = promote(
+            registered,
+            metric,
+            data=data,
+            fabric=code if data is not None else None,
+            margin=margin,
+            resamples=resamples,
+            progress=progress,
+        )
+        lines.append(f"fabric {code} ({registered}): {decision.message}")
+    return lines

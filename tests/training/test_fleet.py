@@ -107,3 +107,91 @@ def test_fleet_refusals_are_one_line_and_open_no_run(
     assert train_fleet(plain, tmp_path / "out2") == 2
     assert "needs fabric codes" in capsys.readouterr().err
     assert run_count() == before
+
+
+@pytest.mark.slow
+def test_evaluate_a_fleet_per_fabric_and_pooled_with_intervals(
+    fleet: tuple[Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, out, _ = fleet
+    target = tmp_path / "fleet.json"
+    args = ["--quiet", "evaluate", "--model-uri", str(out), "--data", str(data), "--split", "all"]
+    assert main([*args, "--json", str(target), "--report", str(tmp_path / "report")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("pooled")  # the table
+    summary = json.loads(target.read_text())
+    keys = ("image_auroc", "strip_auroc", "pixel_auroc", "aupro", "pixel_ap",
+            "detection_rate", "false_alarm_rate")  # fmt: skip
+    assert sorted(summary["fabrics"]) == ["00", "01"]
+    first, clean = summary["fabrics"]["00"], summary["fabrics"]["01"]
+    assert (first["n_images"], first["n_anomalous"]) == (14, 4)
+    assert (clean["n_images"], clean["n_anomalous"]) == (10, 0)
+    for key in keys:
+        low, high = first[f"{key}_ci95_low"], first[f"{key}_ci95_high"]
+        assert low <= first[key] <= high, key
+    assert clean["strip_auroc"] is None and clean["false_alarm_rate"] is not None
+    pooled = summary["pooled"]
+    assert pooled["n_images"] == 24 and pooled["n_fabrics"] == 2
+    for key in keys:
+        assert pooled[f"{key}_ci95_low"] <= pooled[key] <= pooled[f"{key}_ci95_high"], key
+    # macro averages skip the fabric where a figure is undefined
+    assert pooled["pixel_ap"] == pytest.approx(first["pixel_ap"])
+    # the same figures as evaluating that fabric's model alone
+    single = tmp_path / "single.json"
+    one = ["--quiet", "evaluate", "--model-uri", str(out / "00"), "--data", str(data)]
+    assert main([*one, "--fabric", "00", "--split", "all", "--json", str(single)]) == 0
+    alone = json.loads(single.read_text())
+    for key in ("image_auroc", "strip_auroc", "pixel_ap", "detection_rate",
+                "detection_rate_ci95_low", "detection_rate_ci95_high"):  # fmt: skip
+        assert first[key] == pytest.approx(alone[key]), key
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "pooled / macro" in page and "worst-00-1.png" in page and "worst-01-1.png" in page
+    assert (tmp_path / "report" / "00" / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_a_registered_fleet_is_evaluated_and_promoted_through_the_registry(
+    fleet: tuple[Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, _, text = fleet
+    parent = json.loads(text)["parent_run_id"]
+    target = tmp_path / "logged.json"
+    uri = f"runs:/{parent}/fleet"
+    args = ["--quiet", "evaluate", "--model-uri", uri, "--data", str(data), "--fabric", "1"]
+    assert main([*args, "--split", "all", "--json", str(target)]) == 0
+    assert list(json.loads(target.read_text())["fabrics"]) == ["01"]
+    capsys.readouterr()
+    # a second version of each fabric's model (the same weights): judged fabric by fabric
+    import mlflow
+
+    for fabric, entry in json.loads(text)["fabrics"].items():
+        mlflow.register_model(f"runs:/{entry['run_id']}/model", f"tf-{fabric}")
+    assert main(["--quiet", "promote", "tf", "--data", str(data)]) == 0
+    text = capsys.readouterr().out
+    lines = [line for line in text.splitlines() if line.startswith("fabric ")]
+    assert [line.split(" ")[1] for line in lines] == ["00", "01"], text
+    assert all("not promoted" in line for line in lines), text
+    # each judged on its own fabric's strips of the data
+    assert "over 14 common strips" in text and "over 10 common strips" in text
+
+
+@pytest.mark.slow
+def test_fleet_evaluation_refusals(
+    fleet: tuple[Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, out, text = fleet
+    target = tmp_path / "out.json"
+    base = ["--quiet", "evaluate", "--data", str(data), "--split", "all", "--json", str(target)]
+    # an unknown fabric: one line naming the known ones
+    assert main([*base, "--model-uri", str(out), "--fabric", "07"]) == 2
+    err = capsys.readouterr().err
+    assert "no model for fabric '07'" in err and "00, 01" in err and err.count("\n") == 1
+    # a manifest naming a version that does not exist (and no bundle folder beside it)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    manifest = json.loads(text)
+    manifest["fabrics"]["00"]["uri"] = "models:/tf-00/99"
+    (broken / FLEET_MANIFEST).write_text(json.dumps(manifest))
+    assert main([*base, "--model-uri", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "tf-00" in err and err.count("\n") == 1
+    assert not target.exists()
