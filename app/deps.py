@@ -5,8 +5,9 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Query, Request, Security
+from fastapi import Depends, Form, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from app.errors import ApiError
 from app.feedback.store import FeedbackStore
@@ -41,7 +42,22 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
-def get_scorer(request: Request, settings: SettingsDep, metrics: MetricsDep) -> Scorer:
+FABRIC_HELP = (
+    "the fabric whose model scores the image, when the service serves a fleet (one model per "
+    "fabric: GET /models lists them); required there (422 without it, 404 for a fabric it has no "
+    "model for); ignored by a single model"
+)
+FabricQuery = Annotated[str | None, Query(description=FABRIC_HELP, openapi_examples=example("02"))]
+FabricForm = Annotated[str | None, Form(alias="fabric", description=FABRIC_HELP)]
+
+
+async def get_scorer(
+    request: Request, settings: SettingsDep, metrics: MetricsDep, fabric: FabricQuery = None
+) -> Scorer:
+    fleet = request.app.state.fleet
+    if fleet is not None:  # one model per fabric, loaded on first use (app/fleet.py)
+        chosen: Scorer = await run_in_threadpool(fleet.scorer, fabric)
+        return chosen
     scorer: Scorer | None = request.app.state.scorer
     if scorer is None:
         metrics.rejected.labels(reason="not_ready").inc()
@@ -51,6 +67,20 @@ def get_scorer(request: Request, settings: SettingsDep, metrics: MetricsDep) -> 
 
 
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
+
+
+async def get_upload_scorer(
+    request: Request,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    fabric: FabricQuery = None,
+    fabric_field: FabricForm = None,
+) -> Scorer:
+    """The scorer of an upload: ``fabric`` as a query parameter or a form field (a fleet)."""
+    return await get_scorer(request, settings, metrics, fabric or fabric_field)
+
+
+UploadScorerDep = Annotated[Scorer, Depends(get_upload_scorer)]
 
 
 def get_model(scorer: ScorerDep) -> LoadedModel:

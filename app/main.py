@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import install_error_handlers
 from app.feedback.routes import feedback, install_feedback_errors
 from app.feedback.store import FeedbackStore, FeedbackUnavailableError
+from app.fleet import FleetModels, open_fleet
 from app.inference_log import InferenceLog
 from app.metrics import Metrics
 from app.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
@@ -46,7 +47,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     app.state.not_ready_reason = "loading the model"
     try:
-        model = await run_in_threadpool(load_model, settings)
+        fleet = await run_in_threadpool(open_fleet, settings)  # one model per fabric, lazily
+        model = None if fleet is not None else await run_in_threadpool(load_model, settings)
         store = app.state.feedback_store = await run_in_threadpool(open_store, settings)
     except StartupError as exc:
         app.state.startup_error = str(exc)
@@ -59,18 +61,34 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.inference_log_backups,
         metrics.log_failures,
     )
-    app.state.scorer = Scorer(model, pool, inference_log, metrics, settings, store)
-    metrics.model.info({"name": model.name, "version": model.version, "type": model.type})
+    if fleet is not None:
+        app.state.fleet = models = FleetModels(
+            fleet,
+            settings,
+            lambda loaded: Scorer(loaded, pool, inference_log, metrics, settings, store),
+        )
+        models.start_polling()
+        kind = str(fleet.manifest.get("model_type", "fleet"))
+        metrics.model.info({"name": fleet.uri, "version": "fleet", "type": kind})
+        log.info("ready: fleet %s (%s)", fleet.uri, ", ".join(fleet.fabrics))
+    else:
+        assert model is not None
+        app.state.scorer = Scorer(model, pool, inference_log, metrics, settings, store)
+        metrics.model.info({"name": model.name, "version": model.version, "type": model.type})
+        log.info("ready: %s version %s", model.name, model.version)
     metrics.ready.set(1)
-    log.info("ready: %s version %s", model.name, model.version)
     try:
         yield
     finally:
         app.state.scorer = None
+        fleet_models, app.state.fleet = app.state.fleet, None
         app.state.not_ready_reason = "shutting down"
         metrics.ready.set(0)
         await run_in_threadpool(pool.shutdown)
-        await run_in_threadpool(model.close)  # the batcher's thread, if any
+        if fleet_models is not None:
+            await run_in_threadpool(fleet_models.close)
+        if model is not None:
+            await run_in_threadpool(model.close)  # the batcher's thread, if any
         inference_log.close()
         if store is not None:
             store.close()
@@ -115,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
     app.state.scorer = None
+    app.state.fleet = None  # MODEL_URI naming a fleet: app/fleet.py
     app.state.feedback_store = None
     app.state.not_ready_reason = "the model is not loaded (start-up has not run)"
     app.state.startup_error = None

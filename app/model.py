@@ -103,9 +103,10 @@ def warm_up(detector: Detector) -> float:
     return (time.perf_counter() - started) * 1000.0
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Resolve, load and warm the model, or raise StartupError with one clear line."""
-    uri = settings.model_uri
+def load_model(settings: Settings, uri: str | None = None) -> LoadedModel:
+    """Resolve, load and warm the model (MODEL_URI, or ``uri``: one fabric's model of a fleet,
+    app/fleet.py), or raise StartupError with one clear line."""
+    uri = uri or settings.model_uri
     if not uri:
         raise StartupError("no model: set MODEL_URI (or pass --model-uri to loomwatch serve)")
     started = time.perf_counter()

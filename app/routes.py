@@ -14,10 +14,11 @@ from app.deps import (
     PredictOptionsDep,
     RequestIdDep,
     ScoreOptionsDep,
-    ScorerDep,
     SettingsDep,
+    UploadScorerDep,
     require_api_key,
 )
+from app.errors import ApiError
 from app.imaging import ACCEPTED_FORMATS, ACCEPTED_MODES
 from app.schemas import (
     AcceptedInput,
@@ -26,8 +27,10 @@ from app.schemas import (
     HealthResponse,
     ModelRef,
     ModelResponse,
+    ModelsResponse,
     PredictionResponse,
     ReadyResponse,
+    ServedModelOut,
     SuppressionSettingsOut,
     example,
 )
@@ -42,8 +45,10 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "the body is over MAX_UPLOAD_BYTES, or the image declares more than MAX_PIXELS",
         415: "not a PNG, JPEG, BMP or TIFF (declared content type or actual bytes), or a body "
         "that is not multipart/form-data",
-        422: "undecodable image, or a bad parameter",
-        503: "busy (queue full or timed out) or model not ready; see Retry-After",
+        404: "a fleet: no model for the fabric named; the detail lists the known fabrics",
+        422: "undecodable image, or a bad parameter (a fleet: no fabric named)",
+        503: "busy (queue full or timed out), model not ready, or (a fleet) the fabric's model "
+        "cannot be loaded; see Retry-After",
     }
     return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
 
@@ -57,10 +62,10 @@ probes = APIRouter(tags=["service"])
     tags=["predict"],
     summary="Score one image",
     response_model=PredictionResponse,
-    responses=_errors(400, 413, 415, 422, 503),
+    responses=_errors(400, 404, 413, 415, 422, 503),
 )
 async def predict(
-    scorer: ScorerDep,
+    scorer: UploadScorerDep,
     request_id: RequestIdDep,
     options: PredictOptionsDep,
     file: Annotated[UploadFile, File(description=IMAGE_FILE)],
@@ -75,10 +80,10 @@ async def predict(
     tags=["predict"],
     summary="Score several images",
     response_model=BatchResponse,
-    responses=_errors(400, 413, 415, 422, 503),
+    responses=_errors(400, 404, 413, 415, 422, 503),
 )
 async def predict_batch(
-    scorer: ScorerDep,
+    scorer: UploadScorerDep,
     request_id: RequestIdDep,
     options: PredictOptionsDep,
     files: Annotated[list[UploadFile], File(description=f"one or more images: {IMAGE_FILE}")],
@@ -100,11 +105,11 @@ async def predict_batch(
             "yellow, padding greyed. Headers X-Loomwatch-Score, -Decision, -Regions and "
             "-Prediction-Id (when recorded).",
         },
-        **_errors(400, 413, 415, 422, 503),
+        **_errors(400, 404, 413, 415, 422, 503),
     },
 )
 async def predict_overlay(
-    scorer: ScorerDep,
+    scorer: UploadScorerDep,
     request_id: RequestIdDep,
     options: ScoreOptionsDep,
     file: Annotated[UploadFile, File(description=IMAGE_FILE)],
@@ -133,7 +138,7 @@ async def predict_overlay(
     tags=["service"],
     summary="The model being served",
     response_model=ModelResponse,
-    responses=_errors(503),
+    responses=_errors(404, 422, 503),
 )
 def model_info(model: ModelDep, settings: SettingsDep) -> ModelResponse:
     """Name, version, type, config, calibration, training metrics and the input it accepts."""
@@ -163,6 +168,32 @@ def model_info(model: ModelDep, settings: SettingsDep) -> ModelResponse:
         versions=manifest.versions,
         accepted_input=accepted,
     )
+
+
+@api.get(
+    "/models",
+    tags=["service"],
+    summary="The models being served",
+    response_model=ModelsResponse,
+    responses=_errors(503),
+)
+def models_served(request: Request, settings: SettingsDep) -> ModelsResponse:
+    """One entry per model: for a fleet, every fabric it has a model for (loaded or not, and
+    what version is loaded); for one model, that model. GET /model?fabric=FF gives the details."""
+    fleet = request.app.state.fleet
+    limits = settings.max_loaded_models, settings.model_poll_s
+    if fleet is not None:
+        rows = [ServedModelOut.model_validate(row) for row in fleet.describe()]
+        return ModelsResponse(
+            fleet=fleet.fleet.uri, models=rows, max_loaded_models=limits[0], poll_s=limits[1]
+        )
+    scorer = request.app.state.scorer
+    if scorer is None:
+        raise ApiError(503, "not_ready", request.app.state.not_ready_reason)
+    model = scorer.model
+    row = ServedModelOut(fabric=model.fabric, uri=model.uri, loaded=True, name=model.name,
+                         version=model.version, type=model.type, digest=model.digest)  # fmt: skip
+    return ModelsResponse(fleet=None, models=[row], max_loaded_models=limits[0], poll_s=limits[1])
 
 
 @api.get(
@@ -196,6 +227,13 @@ def health() -> HealthResponse:
 )
 def ready(request: Request, settings: SettingsDep) -> ReadyResponse | JSONResponse:
     """200 once the model is loaded and warmed up; 503 with the reason otherwise."""
+    fleet = request.app.state.fleet
+    if fleet is not None:  # ready once its manifest is read: models load on first use
+        kind = str(fleet.fleet.manifest.get("model_type", "fleet"))
+        ref = ModelRef(name=fleet.fleet.uri, version=f"fleet of {len(fleet.fleet.fabrics)}",
+                       type=kind)  # fmt: skip
+        return ReadyResponse(status="ready", model=ref, warmup_ms=0.0, backend=settings.backend,
+                             device=settings.device, precision=settings.precision)  # fmt: skip
     scorer = request.app.state.scorer
     if scorer is None:
         body = ReadyResponse(status="not_ready", reason=request.app.state.not_ready_reason)

@@ -391,3 +391,23 @@ class ModelResponse(BaseModel):
         description="what runs the network: backend, device, precision, and the dynamic "
         "batching of concurrent requests' tiles (batch_max_tiles 0: off; batch_max_wait_ms)",
     )
+
+
+class ServedModelOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    fabric: str | None = Field(description="fabric code (AITEX) or category; null: any")
+    uri: str = Field(description="where the model comes from (an alias is followed)")
+    loaded: bool = Field(description="in memory now (a fleet loads models on first use)")
+    pinned: str | None = Field(default=None, description="the immutable URI loaded")
+    name: str | None = None
+    version: str | None = None
+    type: str | None = None
+    digest: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    fleet: str | None = Field(description="the fleet served (MODEL_URI), or null for one model")
+    max_loaded_models: int = Field(description="a fleet: the most models loaded at once")
+    poll_s: float = Field(description="a fleet: seconds between alias polls (0: none)")
+    models: list[ServedModelOut]

@@ -26,6 +26,20 @@ class Settings(BaseSettings):
         description="bundle folder or MLflow URI (models:/NAME@ALIAS, models:/NAME/VERSION, "
         "runs:/RUN_ID/PATH); required",
     )
+    max_loaded_models: int = Field(
+        default=4,
+        ge=1,
+        description="a fleet (MODEL_URI naming fleet.json): the most fabrics' models loaded at "
+        "once; loading one more evicts the least recently used (each model takes its weights' "
+        "size in memory, plus its runtime's)",
+    )
+    model_poll_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="a fleet: seconds between polls of the registry aliases its fabrics follow "
+        "(models:/NAME-FF@ALIAS); a moved alias is loaded and swapped in without a restart; 0: "
+        "never",
+    )
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         default="auto",
         description="what runs the network: auto (torch for a bundle, the export's runtime for "

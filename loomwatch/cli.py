@@ -290,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     serve = commands.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)")
-    serve.add_argument("--model-uri", help="bundle folder or MLflow URI (default: $MODEL_URI)")
+    serve.add_argument(
+        "--model-uri",
+        help="bundle folder or MLflow URI, or a fleet (folder with fleet.json, runs:/ID/fleet: "
+        "one model per fabric, the request names its fabric) (default: $MODEL_URI)",
+    )
     serve.add_argument("--host", help="interface to listen on (default: $HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: $PORT or 8000)")
     serve.add_argument(

@@ -6,9 +6,10 @@ A fleet is addressed like a model, by a URI (see :func:`resolve_fleet`):
 * the ``fleet.json`` file itself;
 * ``runs:/<parent run id>/fleet``: the manifest logged as an artifact of the fleet's parent run.
 
-Each fabric's entry names its model twice: ``bundle``, a folder relative to the manifest (used
-when it is there, as in the folder ``train`` wrote), and ``uri``, a model URI (``models:/NAME-FF@A``
-or ``models:/NAME-FF/V`` when registered, else ``runs:/<run id>/model``), used otherwise. The
+Each fabric's entry names its model twice: ``bundle``, a folder relative to the manifest, and
+``uri``, a model URI (``models:/NAME-FF@A`` or ``models:/NAME-FF/V`` when registered, else
+``runs:/<run id>/model``). An alias URI is always followed (the alias may move: ``serve`` polls
+it); otherwise the bundle folder is used when it is there, as in the folder ``train`` wrote. The
 manifest is written atomically (a temporary file renamed into place) and last, so a folder without
 ``fleet.json`` is never taken for a fleet.
 """
@@ -38,9 +39,16 @@ class FleetMember:
     info: dict[str, Any]
 
     @property
+    def follows_alias(self) -> bool:
+        return self.uri.startswith("models:/") and "@" in self.uri
+
+    @property
     def source(self) -> str:
-        """The URI to load: the local bundle folder when there is one, else ``uri``."""
-        return str(self.bundle) if self.bundle is not None else self.uri
+        """The URI to load: ``uri`` when it is a registry alias (the alias says which version is
+        meant, and may move), else the local bundle folder when there is one, else ``uri``."""
+        if self.follows_alias or self.bundle is None:
+            return self.uri
+        return str(self.bundle)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ def test_docs_cover_every_route_parameter_and_error(client: TestClient) -> None:
         "/health",
         "/ready",
         "/model",
+        "/models",
         "/metrics",
         "/predictions",
         "/predictions/{prediction_id}",
@@ -101,7 +102,8 @@ def test_docs_cover_every_route_parameter_and_error(client: TestClient) -> None:
     predict = paths["/predict"]["post"]
     params = {p["name"]: p for p in predict["parameters"]}
     assert set(params) == {
-        "threshold", "min_region_area", "min_region_peak", "veto_margin", "heatmap", "mask"
+        "threshold", "min_region_area", "min_region_peak", "veto_margin", "heatmap", "mask",
+        "fabric",
     }  # fmt: skip
     assert all(p.get("description") and p.get("examples") for p in params.values()), params
     assert {"200", "401", "413", "415", "422", "503"} <= set(predict["responses"])

@@ -79,7 +79,8 @@ def test_fleet_trains_one_model_per_fabric_under_one_parent_run(
     assert all(m.bundle is None for m in logged.members.values())
     local = resolve_fleet(str(out))
     assert local.member("1") is local.members["01"]
-    assert local.members["00"].source == str(out / "00")
+    assert local.members["00"].bundle == out / "00"
+    assert local.members["00"].source == "models:/tf-00@champion"  # an alias is followed
 
 
 def test_fleet_refusals_are_one_line_and_open_no_run(
