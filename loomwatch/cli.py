@@ -546,7 +546,10 @@ def _train_fleet(
     fabrics = fleet_fabrics(args.data)
     for fabric in fabrics if args.register else ():
         _check_registration(f"{args.register}-{fabric}", args.alias)
-    check_fleet_data(args.data, fabrics, config, args.seed)  # before any MLflow run opens
+    skipped = check_fleet_data(args.data, fabrics, config, args.seed)  # before any run opens
+    for fabric, why in skipped.items():
+        print(f"fabric {fabric} skipped: {why}", flush=True)
+    fabrics = [fabric for fabric in fabrics if fabric not in skipped]
     result = train_fleet(
         args.model,
         args.data,
@@ -561,6 +564,7 @@ def _train_fleet(
         config_file=config_file,
         progress=not args.quiet,
         say=lambda text: print(text, flush=True),
+        skipped=skipped,
     )
     print(f"fleet: {result.folder / 'fleet.json'} ({len(fabrics)} fabrics: {', '.join(fabrics)})")
     print(f"MLflow run: {result.parent_run_id}")

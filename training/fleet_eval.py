@@ -419,9 +419,8 @@ def write_fleet_report(
     for judgement in judgements:
         write_one(judgement, folder / judgement.fabric)
         items = []
-        for index, (caption, png) in enumerate(judgement.result.misses[:WORST_STRIPS], start=1):
-            name = f"worst-{judgement.fabric}-{index}.png"
-            (folder / name).write_bytes(png)
+        for index, (caption, _) in enumerate(judgement.result.misses[:WORST_STRIPS], start=1):
+            name = f"{judgement.fabric}/miss_{index:02d}.png"  # written by the fabric's report
             items.append(
                 f'<figure><img src="{name}" style="max-width:100%">'
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -440,5 +439,7 @@ figures are macro averages over fabrics.</p>
 </body></html>
 """
     path = folder / "index.html"
-    path.write_text(page)
+    staging = folder / ".index.html.tmp"
+    staging.write_text(page)
+    staging.replace(path)  # last: the page never links a missing image
     return path
