@@ -70,7 +70,7 @@ from models.augment import AugmentConfig, random_affine
 from models.base import FitContext, ModelConfig, ModelOutput, StepTimer, TileData
 from models.components import Reconstructor, group_norm, smooth_on_fabric, ssim_map, up_block
 from models.device import Runtime
-from models.epochs import fit_epochs
+from models.epochs import fit_epochs, optimiser_step
 from models.synthesis import SynthesisConfig, SynthesisMix
 
 
@@ -348,14 +348,7 @@ class Draem(Reconstructor):
             parts = dict(zip(LOSS_PARTS, figures.tolist(), strict=True))
         if math.isfinite(parts["loss"]):
             with timer.stage("backward"):
-                optimiser.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    optimiser.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimiser)
-                    scaler.update()
+                optimiser_step(loss, optimiser, scaler)
         return parts
 
     def _texture_tiles(self, tiles: TileData, rng: np.random.Generator) -> list[np.ndarray]:

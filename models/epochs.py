@@ -342,3 +342,17 @@ def run_epochs(
         "stopped_on_non_finite_loss": float(stop == "non_finite_loss"),
         "fit_seconds": time.monotonic() - started,
     }
+
+
+def optimiser_step(
+    loss: torch.Tensor, optimiser: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Backward and one optimiser step, through the float16 gradient scaler when there is one."""
+    optimiser.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimiser.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()

@@ -63,7 +63,7 @@ from models.components import (
     up_block,
 )
 from models.device import Runtime
-from models.epochs import fit_epochs
+from models.epochs import fit_epochs, optimiser_step
 
 
 class VAEConfig(ModelConfig):
@@ -234,14 +234,7 @@ class VAE(Reconstructor):
             kl = kl_per_pixel(mu, logvar, normalised.x.numel())
             loss = recon + beta * kl
         with timer.stage("backward"):
-            optimiser.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimiser.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimiser)
-                scaler.update()
+            optimiser_step(loss, optimiser, scaler)
         total, recon_value, kl_value = torch.stack([loss, recon, kl]).detach().tolist()
         return total, recon_value, kl_value
 

@@ -15,7 +15,7 @@ import logging
 import math
 import signal
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -319,12 +319,12 @@ def source_run_id(uri: str) -> str | None:
         return str(client.get_model_version(pinned.name, pinned.version).run_id or "") or None
 
 
-def export_run_tags(manifest: Manifest, source_uri: str) -> dict[str, str]:
-    """An export run's tags: what the source was trained on (the source run's tags when it is
-    an MLflow model, else the manifest's), this checkout and its libraries, and the export."""
-    export = manifest.export
-    if export is None:
-        raise TrackingError("not an exported model: export it first")
+def trained_on_tags(
+    manifest: Manifest, source_uri: str, kept: Iterable[str], source_run_tag: str
+) -> dict[str, str]:
+    """What a model folder's weights were trained on: the manifest's training record, and the
+    ``kept`` tags of the source run when ``source_uri`` is an MLflow model (its id as
+    ``source_run_tag``)."""
     training = manifest.training
     tags = run_tags(manifest.model_type, training.get("fabric"), Path(training.get("data", "")))
     if "fingerprint" in training:
@@ -333,9 +333,19 @@ def export_run_tags(manifest: Manifest, source_uri: str) -> dict[str, str]:
     if run_id is not None:
         with mlflow_errors(source_uri):
             source = mlflow.MlflowClient().get_run(run_id).data.tags
-        kept = {f"{TAG}{key}" for key in SOURCE_TAGS}
-        tags.update({key: value for key, value in source.items() if key in kept})
-        tags[f"{TAG}export.source_run"] = run_id
+        names = {f"{TAG}{key}" for key in kept}
+        tags.update({key: value for key, value in source.items() if key in names})
+        tags[f"{TAG}{source_run_tag}"] = run_id
+    return tags
+
+
+def export_run_tags(manifest: Manifest, source_uri: str) -> dict[str, str]:
+    """An export run's tags: what the source was trained on (the source run's tags when it is
+    an MLflow model, else the manifest's), this checkout and its libraries, and the export."""
+    export = manifest.export
+    if export is None:
+        raise TrackingError("not an exported model: export it first")
+    tags = trained_on_tags(manifest, source_uri, SOURCE_TAGS, "export.source_run")
     tags[f"{TAG}export.format"] = export.format
     tags[f"{TAG}export.precision"] = export.precision
     tags[f"{TAG}export.source_uri"] = source_uri
@@ -391,17 +401,8 @@ def log_export(
 def recalibration_run_tags(manifest: Manifest, source_uri: str, evidence: str) -> dict[str, str]:
     """What the weights were trained on (the source run's tags when it is an MLflow model, else
     the manifest's), the export they run as, and where the new calibration came from."""
-    training = manifest.training
-    tags = run_tags(manifest.model_type, training.get("fabric"), Path(training.get("data", "")))
-    if "fingerprint" in training:
-        tags[f"{TAG}data_fingerprint"] = str(training["fingerprint"])
-    run_id = source_run_id(source_uri)
-    if run_id is not None:
-        with mlflow_errors(source_uri):
-            source = mlflow.MlflowClient().get_run(run_id).data.tags
-        kept = {f"{TAG}{key}" for key in (*SOURCE_TAGS, "export.format", "export.precision")}
-        tags.update({key: value for key, value in source.items() if key in kept})
-        tags[f"{TAG}calibration.source_run"] = run_id
+    kept = (*SOURCE_TAGS, "export.format", "export.precision")
+    tags = trained_on_tags(manifest, source_uri, kept, "calibration.source_run")
     if manifest.export is not None:
         tags[f"{TAG}export.format"] = manifest.export.format
         tags[f"{TAG}export.precision"] = manifest.export.precision
