@@ -2,7 +2,8 @@
 
     python -m bench.holdout_split --fabric 02 --out runs/holdout-02 [--data DIR] [--seed 13]
         [--defective 8] [--defect-free 5]
-    python -m bench.holdout_split --fabric all --out runs/holdout-all [--share 0.4] [--defect-free 4]
+    python -m bench.holdout_split --fabric all --out runs/holdout-all [--share 0.42]
+        [--defect-free 5]
 
 writes ``OUT/fit`` and ``OUT/test``, each in the AITEX layout, made of symbolic links to the
 original files (nothing is copied, so no image lands in the project). ``train`` runs on ``fit``
@@ -61,8 +62,8 @@ def split(data: Path, fabric: str, out: Path, seed: int, defective: int, clean: 
 def split_all(data: Path, out: Path, seed: int, share: float, clean: int) -> None:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} exists and is not empty")
-    fabrics = sorted({p.stem.rsplit("_", 1)[-1] for p in (data / DEFECTS).glob("*_*_*.png")})
-    fabrics = sorted(set(fabrics) | {p.stem.rsplit("_", 1)[-1] for p in (data / CLEAN).rglob("*.png")})
+    images = [*(data / DEFECTS).glob("*_*_*.png"), *(data / CLEAN).rglob("*_*_*.png")]
+    fabrics = sorted({image.stem.rsplit("_", 1)[-1] for image in images})
     for fabric in fabrics:
         defects, normals = _strips(data, fabric)
         held = min(max(1, round(share * len(defects))), len(defects) - 1) if len(defects) > 1 else 0
@@ -106,7 +107,10 @@ def main() -> None:
     parser.add_argument("--defective", type=int, default=8)
     parser.add_argument("--defect-free", type=int, default=5, dest="clean")
     parser.add_argument(
-        "--share", type=float, default=0.42, help="with --fabric all: share of defective strips held out"
+        "--share",
+        type=float,
+        default=0.42,
+        help="with --fabric all: the share of each fabric's defective strips held out",
     )
     args = parser.parse_args()
     data = args.data or aitex_dir()
