@@ -18,6 +18,13 @@ Strategies here:
 - ``textile``: defects shaped like those of woven fabric: a thin line along the warp or weft
   (broken or missing yarn), a small dense blob (knot, fuzzy ball), or a band where the weave is
   stretched and shaded (stretch, crease).
+- ``weave``: faults of the weave's structure rather than its grey, which is what most defects of
+  the harder AITEX fabrics are (``python -m bench.fabric_stats``: on fabrics 00, 01 and 03 most
+  defect regions differ from their surroundings by less than one standard deviation of the
+  fabric's grey): a missing or doubled pick or end (a band of a few rows or columns replaced by
+  the weave a few pixels further on, so its pattern breaks), a faint line (a yarn only
+  slightly lighter or darker, 2-12 % of the grey range), and a local distortion (the yarns of a
+  small patch pushed aside, as by a warp ball or a knot under the surface).
 
 Adding a strategy: subclass :class:`AnomalySynthesis`, set ``name``, implement ``__call__``
 (the class registers itself), and give it a weight in the config::
@@ -292,6 +299,84 @@ class TextileSynthesis(AnomalySynthesis):
         if not along_rows:
             out, mask = out.T, mask.T
         return np.ascontiguousarray(out, dtype=np.float32), np.ascontiguousarray(mask)
+
+
+class WeaveSynthesis(AnomalySynthesis):
+    """Structural faults: a seam where picks or ends are missing or doubled, a faint yarn, a
+    distorted patch."""
+
+    name = "weave"
+
+    def __call__(self, tile: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        kind = ("seam", "faint", "distortion")[int(rng.integers(3))]
+        along_rows = rng.random() < 0.5  # a pick runs along a row, an end along a column
+        work = tile if along_rows else tile.T
+        if kind == "seam":
+            out, mask = self._seam(work, rng)
+        elif kind == "faint":
+            out, mask = self._faint(work, rng)
+        else:
+            out, mask = self._distortion(work, rng)
+        if not along_rows:
+            out, mask = out.T, mask.T
+        return np.ascontiguousarray(out, dtype=np.float32), np.ascontiguousarray(mask)
+
+    @staticmethod
+    def _run(width: int, rng: np.random.Generator) -> tuple[int, int]:
+        length = int(rng.integers(max(width // 3, 1), width + 1))
+        start = int(rng.integers(width - length + 1))
+        return start, start + length
+
+    def _seam(self, work: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A band of 1-4 rows over a run of columns taken from a few rows further on or back:
+        the weave's pattern breaks at both edges of the band, as where picks are missing or
+        doubled; with a faint shade."""
+        height, width = work.shape
+        shift = int(rng.integers(2, 9)) * int(rng.choice([-1, 1]))
+        band = int(rng.integers(1, 5))
+        row = int(rng.integers(0, height - band + 1))
+        c0, c1 = self._run(width, rng)
+        padded = np.pad(work, ((9, 9), (0, 0)), mode="reflect")
+        source = row + 9 + shift
+        out = work.copy()
+        shade = float(rng.choice([-1.0, 1.0])) * float(rng.uniform(0.0, 0.08))
+        out[row : row + band, c0:c1] = np.clip(
+            padded[source : source + band, c0:c1] + shade, 0.0, 1.0
+        )
+        mask = np.zeros(work.shape, bool)
+        mask[row : row + band, c0:c1] = True
+        return out, mask
+
+    @staticmethod
+    def _faint(work: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        height, width = work.shape
+        thickness = int(rng.integers(1, 5))
+        row = int(rng.integers(height - thickness + 1))
+        c0, c1 = WeaveSynthesis._run(width, rng)
+        contrast = float(rng.choice([-1.0, 1.0])) * float(rng.uniform(0.02, 0.12))
+        out = work.copy()
+        out[row : row + thickness, c0:c1] = np.clip(
+            out[row : row + thickness, c0:c1] + contrast, 0.0, 1.0
+        )
+        mask = np.zeros(work.shape, bool)
+        mask[row : row + thickness, c0:c1] = True
+        return out, mask
+
+    @staticmethod
+    def _distortion(work: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A patch whose yarns are pushed aside by up to a few pixels (a smooth bump)."""
+        height, width = work.shape
+        radius = float(rng.uniform(5.0, 24.0))
+        cy, cx = float(rng.uniform(0, height)), float(rng.uniform(0, width))
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+        bump = np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2.0 * (radius / 2.0) ** 2))
+        amplitude = float(rng.uniform(1.5, 4.0))
+        angle = float(rng.uniform(0.0, 2.0 * math.pi))
+        map_x = (xs + amplitude * math.cos(angle) * bump).astype(np.float32)
+        map_y = (ys + amplitude * math.sin(angle) * bump).astype(np.float32)
+        out = cv2.remap(work, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        mask = amplitude * bump >= 0.75
+        return np.where(mask, out, work), mask
 
 
 # ---- the mix ----------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def check_mask_matches_change(
         assert changed[mask].mean() > 0.95  # and (almost) everything inside it changes
 
 
-@pytest.mark.parametrize("name", ["perlin", "textile"])
+@pytest.mark.parametrize("name", ["perlin", "textile", "weave"])
 def test_each_strategy_yields_a_mask_that_matches_the_change(name: str) -> None:
     config = SynthesisConfig()
     strategy = STRATEGIES[name](config, TextureBank(other_tiles()))
@@ -142,3 +142,22 @@ def test_config_rejects_unknown_strategies_and_bad_weights() -> None:
     assert isinstance(
         SynthesisMix(SynthesisConfig(strategies={"perlin": 1.0})).strategies[0], PerlinSynthesis
     )
+
+
+def test_weave_faults_are_faint_or_structural() -> None:
+    """The weave strategy's defects change the grey a little (a faint yarn, a shifted band of
+    the pattern, a pushed-aside patch), unlike textile's lines and blobs."""
+    weave = STRATEGIES["weave"](SynthesisConfig(), TextureBank())
+    textile = TextileSynthesis(SynthesisConfig(), TextureBank())
+    rng = np.random.default_rng(2)
+
+    def mean_change(strategy: AnomalySynthesis) -> float:
+        changes = []
+        for seed in range(40):
+            original = tile(seed)
+            augmented, mask = strategy(original.copy(), rng)
+            if mask.any():
+                changes.append(abs(float(augmented[mask].mean() - original[mask].mean())))
+        return float(np.median(changes))
+
+    assert mean_change(weave) < 0.5 * mean_change(textile)
