@@ -328,38 +328,38 @@ class WeaveSynthesis(AnomalySynthesis):
         return start, start + length
 
     def _seam(self, work: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """A band of 1-4 rows over a run of columns taken from a few rows further on or back:
-        the weave's pattern breaks at both edges of the band, as where picks are missing or
-        doubled; with a faint shade."""
-        height, width = work.shape
+        """A band taken from a few rows further on or back: the weave's pattern breaks at both
+        edges of the band, as where picks are missing or doubled; with a faint shade."""
         shift = int(rng.integers(2, 9)) * int(rng.choice([-1, 1]))
+        return self._band(work, rng, shift, (0.0, 0.08))
+
+    def _faint(self, work: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A yarn only slightly lighter or darker than the fabric."""
+        return self._band(work, rng, 0, (0.02, 0.12))
+
+    def _band(
+        self,
+        work: np.ndarray,
+        rng: np.random.Generator,
+        shift: int,
+        shade: tuple[float, float],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A band of 1-4 rows over a run of columns replaced by the rows ``shift`` further on
+        (reflected at the tile's edge), lightened or darkened by a ``shade`` drawn in range."""
+        height, width = work.shape
         band = int(rng.integers(1, 5))
         row = int(rng.integers(0, height - band + 1))
         c0, c1 = self._run(width, rng)
-        padded = np.pad(work, ((9, 9), (0, 0)), mode="reflect")
-        source = row + 9 + shift
+        reach = abs(shift)
+        padded = np.pad(work, ((reach, reach), (0, 0)), mode="reflect")
+        source = row + reach + shift
+        offset = float(rng.choice([-1.0, 1.0])) * float(rng.uniform(*shade))
         out = work.copy()
-        shade = float(rng.choice([-1.0, 1.0])) * float(rng.uniform(0.0, 0.08))
         out[row : row + band, c0:c1] = np.clip(
-            padded[source : source + band, c0:c1] + shade, 0.0, 1.0
+            padded[source : source + band, c0:c1] + offset, 0.0, 1.0
         )
         mask = np.zeros(work.shape, bool)
         mask[row : row + band, c0:c1] = True
-        return out, mask
-
-    @staticmethod
-    def _faint(work: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        height, width = work.shape
-        thickness = int(rng.integers(1, 5))
-        row = int(rng.integers(height - thickness + 1))
-        c0, c1 = WeaveSynthesis._run(width, rng)
-        contrast = float(rng.choice([-1.0, 1.0])) * float(rng.uniform(0.02, 0.12))
-        out = work.copy()
-        out[row : row + thickness, c0:c1] = np.clip(
-            out[row : row + thickness, c0:c1] + contrast, 0.0, 1.0
-        )
-        mask = np.zeros(work.shape, bool)
-        mask[row : row + thickness, c0:c1] = True
         return out, mask
 
     @staticmethod
