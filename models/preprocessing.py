@@ -96,13 +96,16 @@ class ValidAreaSettings(BaseModel):
     least ``edge_fraction`` white: the ragged, bright border between padding and fabric) count
     as padding too. Rows are judged the same way, over the columns that are not padding.
     Padding and a ``margin`` of pixels next to it are excluded everywhere. Padding found within
-    ``edge_reach`` pixels of an image end (at most an eighth of the length) also claims
+    ``edge_reach`` pixels of an image end (at most a third of the length) also claims
     everything between it and that end: what lies beyond a white border is the selvage or the
     machine, not fabric (AITEX fabric 02 shows dark, smooth bands there). On the fabric side of
     such a border a further ``selvage_width`` pixels are excluded: the selvage's bright and dark
     yarn stripes run that far into the image (about 70-100 px after the border on AITEX fabric
     02, measured on its clean and defect strips) and would otherwise be the highest-scoring
-    "defect" of every strip.
+    "defect" of every strip. The reach is wide because the border lies 480-1250 px from the
+    strip's end on AITEX fabrics 00, 03, 04 and 06 (white padding on 00 and 03, a streaky
+    machine band behind a thin white line on 04 and 06); with a reach of 512 px their selvage
+    or machine band stayed in the valid area and outscored every defect (see docs/fleets.md).
 
     ``end_margin`` pixels at the left and right ends of every image are excluded too, padding or
     not (at most a sixteenth of the width): a line-scan strip's ends are the edges of the
@@ -118,7 +121,7 @@ class ValidAreaSettings(BaseModel):
     line_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     edge_fraction: float = Field(default=0.15, gt=0.0, le=1.0)
     margin: int = Field(default=16, ge=0)
-    edge_reach: int = Field(default=512, ge=0)
+    edge_reach: int = Field(default=1536, ge=0)
     selvage_width: int = Field(default=96, ge=0)
     end_margin: int = Field(default=32, ge=0)
 
@@ -126,14 +129,16 @@ class ValidAreaSettings(BaseModel):
 def _claim_ends(lines: np.ndarray, reach: int, selvage: int = 0) -> np.ndarray:
     """Extend padding runs that lie wholly near either end of the axis to that end, and
     ``selvage`` lines further inward."""
-    reach = min(reach, lines.size // 8)
+    reach = min(reach, lines.size // 3)
     edges = np.diff(np.concatenate([[0], lines.astype(np.int8), [0]]))
     starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     claimed = lines.copy()
     for start, stop in zip(starts, stops, strict=True):
-        if stop <= reach:
+        # A run that touches an end is a border however wide it is (AITEX fabric 00 pads
+        # 1250 px); one that lies wholly within reach of an end has non-fabric beyond it.
+        if stop <= reach or start == 0:
             claimed[: stop + selvage] = True
-        if start >= lines.size - reach:
+        if start >= lines.size - reach or stop == lines.size:
             claimed[max(start - selvage, 0) :] = True
     return claimed
 

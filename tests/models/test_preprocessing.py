@@ -12,8 +12,9 @@ from PIL import Image
 from models.preprocessing import ImageDecodeError, ValidAreaSettings, decode_image, valid_area
 
 MARGIN = ValidAreaSettings().margin
-# The padding rules on their own; the strip-end margin has its own test.
-PADDING_ONLY = ValidAreaSettings(end_margin=0)
+# The padding rules on their own; the strip-end margin and the selvage have their own tests.
+PADDING_ONLY = ValidAreaSettings(end_margin=0, selvage_width=0)
+WITH_SELVAGE = ValidAreaSettings(end_margin=0)
 
 
 def _fabric(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -187,7 +188,7 @@ def test_settings_change_the_margin() -> None:
     image = _fabric(16, 200)
     image[:, :50] = 255
 
-    valid = valid_area(image, ValidAreaSettings(margin=0, end_margin=0))
+    valid = valid_area(image, ValidAreaSettings(margin=0, end_margin=0, selvage_width=0))
 
     assert not valid[:, :50].any()
     assert valid[:, 50:].all()
@@ -323,11 +324,36 @@ def test_band_beyond_a_white_border_near_the_end_is_not_fabric() -> None:
     assert not valid[:, :110].any()  # the band and the border
     assert valid[:, 110 + 16 : -5 - 16].all() and not valid[:, -5 - 16 :].any()
     # By default the selvage stripes on the fabric side of such a border are excluded too.
-    valid = valid_area(image, PADDING_ONLY)
+    valid = valid_area(image, WITH_SELVAGE)
     assert not valid[:, : 110 + 96 + 16].any() and valid[:, 110 + 96 + 16 : -5 - 96 - 16].all()
     assert not valid[:, -5 - 96 - 16 :].any()
     far = woven(64, 1024)
     far[:, 500:505] = 255  # a white run in the middle claims only itself and its margin
-    middle = valid_area(far, PADDING_ONLY)
+    middle = valid_area(far, WITH_SELVAGE)
     assert middle[:, : 500 - 16].all() and not middle[:, 500 - 16 : 505 + 16].any()
     assert middle[:, 505 + 16 :].all()
+
+
+def test_a_border_a_quarter_of_the_way_in_still_claims_the_end() -> None:
+    """AITEX fabrics 00 and 03: white padding over the first 1000-1250 px of a 4096 px strip;
+    04 and 06: a streaky machine band of 500-750 px behind a thin white line. Both borders lie
+    beyond 512 px of the end, and the selvage or the band beside them is not fabric."""
+    from tests.helpers import woven
+
+    padded = woven(64, 4096)
+    padded[:, :1100] = 255
+    valid = valid_area(padded, WITH_SELVAGE)
+    assert not valid[:, : 1100 + 96 + 16].any() and valid[:, 1100 + 96 + 16 :].all()
+
+    banded = woven(64, 4096)
+    banded[:, :700] = 60  # the machine band, darker than fabric
+    banded[:, 700:706] = 255
+    valid = valid_area(banded, WITH_SELVAGE)
+    assert not valid[:, : 706 + 96 + 16].any() and valid[:, 706 + 96 + 16 :].all()
+
+    # A white run in the middle of a strip is a bright fault or a splice, not a border: it
+    # claims only itself and its margin, however wide the strip.
+    middle = woven(64, 4096)
+    middle[:, 1800:1806] = 255
+    valid = valid_area(middle, WITH_SELVAGE)
+    assert valid[:, : 1800 - 16].all() and not valid[:, 1800 - 16 : 1806 + 16].any()
