@@ -33,7 +33,10 @@ Choices, and why:
   ``context.validate`` scores highest (every ``validate_every`` epochs), else the lowest mean
   training loss. On a CPU the networks see random ``crop_size`` crops of the tiles (a step on
   128 px crops costs about a quarter of one on 256 px tiles, and the networks are fully
-  convolutional, so scoring still runs on whole tiles), and ``augment_share`` of the tiles are
+  convolutional, so scoring still runs on whole tiles); ``crop_edge_share`` of the crops are
+  pinned to the tile's edges along each axis, because scoring sees every tile's borders and
+  corners (on a strip, its top and bottom rows are tile borders too) and uniform crops almost
+  never hold them (docs/fleets.md, fabric 06's tile corners); ``augment_share`` of the tiles are
   first skewed and stretched (models/augment.py): fabric-02 defect strips show the twill at
   another angle than the clean strips it trains on.
 - Layout: plain (contiguous) tensors. channels_last made a training step twice as slow here
@@ -92,6 +95,13 @@ class DraemConfig(ModelConfig):
     texture_tiles: int = Field(default=64, ge=0, description="training tiles kept as textures")
     crop_size: int = Field(
         default=128, ge=0, description="train on random square crops of this size; 0: whole tiles"
+    )
+    crop_edge_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of crops pinned to a tile edge along each axis (first or last rows"
+        " or columns), so that the tile borders and corners that scoring sees are trained on",
     )
     augment: AugmentConfig = Field(
         default_factory=lambda: AugmentConfig(shear=0.9, rotation=0.0, scale=0.03)
@@ -261,15 +271,26 @@ class Draem(Reconstructor):
         if size <= 0 or (size >= height and size >= width):
             return tiles, valid
         size_y, size_x = min(size, height), min(size, width)
-        ys = torch.randint(
-            0, height - size_y + 1, (len(tiles),), generator=generator, device=generator.device
-        ).tolist()
-        xs = torch.randint(
-            0, width - size_x + 1, (len(tiles),), generator=generator, device=generator.device
-        ).tolist()
+        ys = self._crop_origins(len(tiles), height - size_y, generator)
+        xs = self._crop_origins(len(tiles), width - size_x, generator)
         crops = [(t[..., y : y + size_y, x : x + size_x], v[..., y : y + size_y, x : x + size_x])
                  for t, v, y, x in zip(tiles, valid, ys, xs, strict=True)]  # fmt: skip
         return torch.stack([c for c, _ in crops]), torch.stack([v for _, v in crops])
+
+    def _crop_origins(self, count: int, last: int, generator: torch.Generator) -> list[int]:
+        """``count`` crop origins along one axis, in 0..``last``: uniform, except that
+        ``crop_edge_share`` of them are pinned to 0 or ``last`` (half each). With uniform origins
+        alone a 128 px crop of a 256 px tile holds the tile's first row once in 129 crops and its
+        corner once in 129**2, while scoring sees every tile's borders (and the strip's top and
+        bottom rows are tile borders): fabric 06's false alarms peaked at tile corners. At 0.5
+        the first row is in a quarter of the crops and no row in more than three quarters."""
+        uniform = torch.randint(0, last + 1, (count,), generator=generator, device=generator.device)
+        share = self.config.crop_edge_share
+        if share <= 0:  # no draw: the random stream (and so a seeded run) as without the setting
+            return uniform.tolist()
+        draws = torch.rand(count, generator=generator, device=generator.device)
+        pinned = torch.where(draws < share / 2, 0, last)
+        return torch.where(draws < share, pinned, uniform).tolist()
 
     def synthesise(
         self, tiles: torch.Tensor, valid: torch.Tensor, mix: SynthesisMix, rng: np.random.Generator

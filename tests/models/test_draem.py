@@ -180,6 +180,26 @@ def test_vary_crops_and_skews_training_tiles() -> None:
     assert torch.equal(tiles, before) and torch.equal(valid, before_valid)  # not in place
 
 
+def test_crops_pinned_to_the_edges_train_the_tile_borders() -> None:
+    """Row coverage of 128 px crops of a 256 px tile: uniform origins hold the tile's first row
+    in ~1/129 of crops; with ``crop_edge_share`` 0.5 in about a quarter, and no row in more than
+    about three quarters."""
+    count, size, last = 4000, 128, 128
+
+    def coverage(share: float) -> torch.Tensor:
+        model = tiny(crop_size=size, crop_edge_share=share)
+        origins = torch.tensor(model._crop_origins(count, last, torch.Generator().manual_seed(1)))
+        rows = torch.arange(size + last)
+        return ((rows >= origins[:, None]) & (rows < origins[:, None] + size)).float().mean(0)
+
+    uniform, pinned = coverage(0.0), coverage(0.5)
+    assert uniform[0] < 0.03 and uniform[-1] < 0.03 and uniform[size - 1 : size + 1].min() > 0.97
+    assert 0.2 < pinned[0] < 0.3 and 0.2 < pinned[-1] < 0.3 and pinned.max() < 0.8
+    assert coverage(1.0)[0] == pytest.approx(0.5, abs=0.05)  # every row half the time
+    with pytest.raises(ValidationError):
+        DraemConfig(crop_edge_share=1.5)
+
+
 def test_learning_rate_steps_by_epochs_or_by_the_time_budget() -> None:
     config = DraemConfig(lr=1e-3, lr_steps=[0.8, 0.9], lr_gamma=0.2)
     lrs = [scheduled_lr(config, p) for p in (0.0, 0.79, 0.8, 0.95)]
