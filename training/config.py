@@ -30,6 +30,11 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     val_fraction: float = Field(default=0.3, gt=0.0, lt=1.0)
+    # What picks a detector's best training state on the defective validation images
+    # (training.train.validation_scorer): their tiles' AUROC (defect tiles against the others), or
+    # its mean with the pixel average precision over the same tiles' fabric pixels, which tells
+    # apart states that rank a handful of tiles alike but draw different masks.
+    selection: Literal["tile_auroc", "tile_auroc+pixel_ap"] = "tile_auroc"
 
 
 class CalibrationConfig(BaseModel):
