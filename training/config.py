@@ -34,7 +34,7 @@ class DataConfig(BaseModel):
     # (training.train.validation_scorer): their tiles' AUROC (defect tiles against the others), or
     # its mean with the pixel average precision over the same tiles' fabric pixels, which tells
     # apart states that rank a handful of tiles alike but draw different masks.
-    selection: Literal["tile_auroc", "tile_auroc+pixel_ap"] = "tile_auroc"
+    selection: Literal["tile_auroc", "tile_auroc+pixel_ap"] = "tile_auroc+pixel_ap"
 
 
 class CalibrationConfig(BaseModel):
