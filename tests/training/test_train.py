@@ -40,8 +40,9 @@ def test_pixel_ap_joins_the_selection_criterion_when_asked(synth_data: Path) -> 
 
     split = split_dataset(load_dataset(synth_data), 0.3, seed=0)
     tiles = ["pipeline.tile_size=64", "pipeline.stride=64"]
-    plain, _ = load_config("patchcore", None, tiles)
-    joint, _ = load_config("patchcore", None, [*tiles, "data.selection=tile_auroc+pixel_ap"])
+    plain, _ = load_config("patchcore", None, [*tiles, "data.selection=tile_auroc"])
+    joint, _ = load_config("patchcore", None, tiles)  # the default
+    assert joint.data.selection == "tile_auroc+pixel_ap"
     by_tiles = validation_scorer(split, plain, seed=0, max_tiles=40)
     by_both = validation_scorer(split, joint, seed=0, max_tiles=40)
     assert by_tiles is not None and by_both is not None
