@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from models.base import AnomalyModel, EpochCallback, FitContext
@@ -44,6 +44,7 @@ from training.data import (
     split_dataset,
 )
 from training.evaluate import EvaluationResult, analyse_samples, run_evaluation
+from training.metrics import pixel_ap
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ def validation_scorer(
             window = (slice(box.y0, box.y1), slice(box.x0, box.x1))
             if not valid[window].any():
                 continue
-            target = positives if (mask[window] & valid[window]).any() else negatives
-            target.append((image[window], valid[window], mask[window] & valid[window]))
+            defect = mask[window] & valid[window]
+            target = positives if defect.any() else negatives
+            target.append((image[window], valid[window], defect))
     if not positives or not negatives:
         return None
     rng = np.random.default_rng(seed)
@@ -119,9 +121,9 @@ def validation_scorer(
     chosen = positives + [negatives[i] for i in sorted(picked)]
     labels = np.array([1] * len(positives) + [0] * (len(chosen) - len(positives)))
     tiles = torch.from_numpy(np.stack([t for t, _, _ in chosen])).float()[:, None] / 255.0
-    valids = torch.from_numpy(np.stack([v for _, v, _ in chosen]))[:, None]
-    fabric = np.stack([v for _, v, _ in chosen])
-    truth = np.stack([m for _, _, m in chosen])[fabric]
+    fabric = [v for _, v, _ in chosen]
+    valids = torch.from_numpy(np.stack(fabric))[:, None]
+    defects = [m for _, _, m in chosen]
     with_pixels = config.data.selection == "tile_auroc+pixel_ap"
 
     on = runtime or Runtime.cpu()
@@ -132,12 +134,12 @@ def validation_scorer(
             end = start + pipeline.batch_size
             output = on.predict(model, tiles[start:end], valids[start:end])
             scores.append(output.score)
-            maps.append(output.anomaly_map.float().cpu())
+            if with_pixels:
+                maps.extend(output.anomaly_map.float().cpu().numpy())
         tile_auroc = float(roc_auc_score(labels, torch.cat(scores).numpy()))
         if not with_pixels:
             return tile_auroc
-        pixel_scores = torch.cat(maps).reshape(fabric.shape).numpy()[fabric]
-        return (tile_auroc + float(average_precision_score(truth, pixel_scores))) / 2.0
+        return (tile_auroc + pixel_ap(defects, maps, fabric, seed=seed)) / 2.0
 
     return validate
 

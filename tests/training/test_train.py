@@ -33,7 +33,7 @@ def test_no_defect_masks_means_no_validation_criterion(synth_data: Path) -> None
 
 
 @pytest.mark.slow
-def test_pixel_ap_joins_the_selection_criterion_when_asked(synth_data: Path) -> None:
+def test_pixel_ap_joins_the_selection_criterion_by_default(synth_data: Path) -> None:
     """``data.selection`` tile_auroc+pixel_ap: the mean of the tile AUROC and the pixel AP over
     the same tiles, so a map that ranks the tiles alike but draws a worse mask scores lower."""
     from tests.helpers import fitted_patchcore
