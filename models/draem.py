@@ -110,6 +110,13 @@ class DraemConfig(ModelConfig):
         default=0.5, ge=0.0, le=1.0, description="share of training tiles skewed/stretched"
     )
     validate_every: int = Field(default=2, ge=1, description="epochs between validation scores")
+    ema_decay: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="per-step decay of a moving average of the weights that is scored and kept"
+        " instead of the raw weights; 0: off",
+    )
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     # scoring
     smoothing_sigma: float = Field(default=0.0, ge=0.0)
@@ -410,6 +417,7 @@ class Draem(Reconstructor):
             name="draem",
             validate_every=self.config.validate_every,
             prepare=prepare,
+            ema_decay=self.config.ema_decay,
         )
 
     # ---- scoring ----------------------------------------------------------------------------

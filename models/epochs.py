@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -218,11 +219,16 @@ def fit_epochs(
     name: str,
     validate_every: int = 1,
     prepare: Callable[[Any], Any] = _as_is,
+    ema_decay: float = 0.0,
 ) -> dict[str, Any]:
     """Fit by epochs of shuffled batches (shuffled by ``generator``, a host generator) under
     the deadline, keeping the best state (:func:`run_epochs`); returns the summary, with the
     number of tiles. ``prepare`` turns a loader batch (tiles, valid) into what ``train_batch``
-    takes: the host-side data stage (on accelerators, a batch ahead in a thread)."""
+    takes: the host-side data stage (on accelerators, a batch ahead in a thread).
+
+    With ``ema_decay`` in (0, 1), an exponential moving average of the weights is kept after
+    every step (torch's ``AveragedModel``); the averaged weights, not the raw ones, are scored
+    and can become the best state, while training goes on with the raw ones."""
     loader: DataLoader[Any] = DataLoader(
         tiles,
         batch_size=context.batch_size,
@@ -231,8 +237,11 @@ def fit_epochs(
         pin_memory=context.runtime.device.type == "cuda",
     )
 
+    averaged = weight_average(model, ema_decay)
+    batch_step = train_batch if averaged is None else averaging(train_batch, averaged, model)
+
     def step(epoch: int, stop_at: float) -> EpochOutcome | None:
-        totals = train_epoch(loader, context, train_batch, epoch, stop_at, name, prepare)
+        totals = train_epoch(loader, context, batch_step, epoch, stop_at, name, prepare)
         return totals.outcome()
 
     summary = run_epochs(
@@ -244,10 +253,33 @@ def fit_epochs(
         name=name,
         steps_per_epoch=len(loader),
         validate_every=validate_every,
+        scored=None if averaged is None else averaged.module,
     )
     summary["train_tiles"] = float(len(tiles))
+    summary["ema_decay"] = float(ema_decay if averaged is not None else 0.0)
     summary.update(context.timer.summary())
     return summary
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights (and floating buffers) with
+    ``decay`` per step; None when ``decay`` is 0 (off)."""
+    if decay == 0.0:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {decay}")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def averaging(train_batch: BatchStep, averaged: AveragedModel, model: nn.Module) -> BatchStep:
+    """``train_batch`` followed by an update of the moving average from ``model``."""
+
+    def step(progress: float, batch: Any) -> tuple[dict[str, float], dict[str, float]]:
+        result = train_batch(progress, batch)
+        averaged.update_parameters(model)
+        return result
+
+    return step
 
 
 @dataclass
@@ -268,12 +300,14 @@ class BestState:
 def criterion(
     model: nn.Module, metrics: dict[str, float], context: FitContext, loss_key: str
 ) -> float:
-    """Higher is better: the validation score when there is one, else minus the named loss."""
+    """Higher is better: the validation score of ``model`` when there is one, else minus the
+    named training loss."""
     if context.validate is None:
         return -metrics[loss_key]
+    was_training = model.training
     model.eval()
     metrics["val_score"] = float(context.validate(model))  # type: ignore[arg-type]
-    model.train()
+    model.train(was_training)
     return metrics["val_score"]
 
 
@@ -287,12 +321,16 @@ def run_epochs(
     name: str,
     steps_per_epoch: int,
     validate_every: int = 1,
+    scored: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train epoch by epoch under the deadline; restore the best state; return a summary.
 
     With a validation criterion, only the first, every ``validate_every``-th and the last epoch
-    are scored and can become the best state: scoring costs inference time.
+    are scored and can become the best state: scoring costs inference time. ``scored`` is the
+    module whose weights are scored and kept (a moving average of ``model``'s; by default
+    ``model`` itself); without a validation criterion it is kept by ``model``'s training loss.
     """
+    judged = model if scored is None else scored
     started = time.monotonic()
     best = BestState()
     reserve, epochs, stop = 0.0, 0, "max_epochs"  # reserve: seconds kept for the last score
@@ -318,7 +356,7 @@ def run_epochs(
             last = not outcome.finished or epoch == max_epochs - 1
             if last or context.validate is None or epoch % validate_every == 0:
                 scored_at = time.monotonic()
-                best.offer(criterion(model, metrics, context, loss_key), epoch, model)
+                best.offer(criterion(judged, metrics, context, loss_key), epoch, judged)
                 if context.validate is not None:
                     reserve = time.monotonic() - scored_at
             epochs += 1

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import models.base
 import models.epochs
 from models.base import EpochLog, FitContext
-from models.epochs import EpochOutcome, EpochStep, EpochTotals, run_epochs
+from models.epochs import EpochOutcome, EpochStep, EpochTotals, fit_epochs, run_epochs
 
 
 def marked_step(model: nn.Linear, cut_at: int, stops: list[float]) -> EpochStep:
@@ -87,3 +88,35 @@ def test_epoch_totals_report_means_and_last_values() -> None:
     assert outcome.metrics == {"loss": 2.0, "focal": 0.375, "lr": 2e-4}
     totals.non_finite = True
     assert totals.outcome() is None
+
+
+def test_a_moving_average_of_the_weights_is_scored_and_kept() -> None:
+    # Each step adds 1 to the raw weight; with decay 0.5 the average after steps 1..k follows
+    # a_1 = 1, a_k = 0.5 a_(k-1) + 0.5 k. Two steps an epoch (4 tiles, batch 2), two epochs.
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+
+    def train_batch(progress: float, batch: object) -> tuple[dict[str, float], dict[str, float]]:
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        return {"loss": 1.0}, {}
+
+    seen: list[float] = []
+
+    def validate(scored: nn.Module) -> float:
+        seen.append(float(scored.weight.item()))  # type: ignore[operator]
+        return -abs(seen[-1] - 1.5)  # the average after epoch 0 is the best
+
+    tiles = TensorDataset(torch.zeros(4, 1), torch.zeros(4, 1))
+    context = FitContext(progress=False, validate=validate, batch_size=2)
+    summary = fit_epochs(model, tiles, context, train_batch,  # type: ignore[arg-type]
+                         generator=torch.Generator().manual_seed(0), max_epochs=2,
+                         loss_key="loss", name="test", ema_decay=0.5)  # fmt: skip
+    assert seen == [1.5, 3.125]  # the averages, not the raw weights 2 and 4
+    assert summary["best_epoch"] == 0 and model.weight.item() == 1.5
+    assert summary["ema_decay"] == 0.5
+    with pytest.raises(ValueError, match="ema_decay"):
+        fit_epochs(model, tiles, context, train_batch,  # type: ignore[arg-type]
+                   generator=torch.Generator(), max_epochs=1, loss_key="loss", name="test",
+                   ema_decay=1.0)  # fmt: skip

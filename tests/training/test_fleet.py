@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loomwatch.cli import main
 from tests.helpers import FAST_TRAIN, tracking_client
 from tracking.fleet import FLEET_MANIFEST, resolve_fleet
+from training.evaluate import Analysed
 
 
 def two_fabrics(out: Path) -> Path:
@@ -207,3 +210,77 @@ def test_fleet_evaluation_refusals(
     err = capsys.readouterr().err
     assert "tf-00" in err and err.count("\n") == 1
     assert not target.exists()
+
+
+def tailed_strip(seed: int) -> tuple[Analysed, np.ndarray, np.ndarray]:
+    """A 1000 x 1000 defective strip: defect-free scores mostly low with 300 high ones (the tail
+    that decides pixel AP), 1000 defect pixels scoring into that tail. Also all scores and the
+    defect flags, for the exact figures."""
+    from models.pipeline import Analysis
+    from training.data import Sample
+
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(0.0, 1.0, (1000, 1000)).astype(np.float32)
+    mask = np.zeros(scores.shape, np.uint8)
+    mask[400:425, 300:340] = 255
+    defect = mask > 0
+    scores[defect] = rng.normal(4.0, 1.0, int(defect.sum()))
+    tail = rng.choice(np.flatnonzero(~defect), 300, replace=False)
+    scores.flat[tail] = rng.normal(5.0, 1.0, tail.size)
+    valid = np.ones(scores.shape, bool)
+    analysis = Analysis(
+        image=np.zeros(scores.shape, np.uint8), valid=valid, anomaly_map=scores,
+        boxes=[], tile_scores=[], tile_valid=[], score=float(scores.max()),
+    )  # fmt: skip
+    sample = Sample(Path("0001_002_00.png"), masks=(), label=1, defect="002", fabric="00")
+    return (sample, analysis, mask), scores.ravel(), defect.ravel()
+
+
+def test_rank_bands_are_geometric_and_cover_every_pixel() -> None:
+    from training.fleet_eval import BAND_GROWTH, STRIP_PIXELS, rank_bands
+
+    assert rank_bands(0) == [] and rank_bands(STRIP_PIXELS) == [(0, STRIP_PIXELS)]
+    size = 1_000_000
+    bands = rank_bands(size)
+    assert bands[0] == (0, STRIP_PIXELS) and bands[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bands))
+    assert bands[1] == (STRIP_PIXELS, STRIP_PIXELS * BAND_GROWTH)
+
+
+def test_pixel_sample_keeps_the_tail_of_defect_free_scores_and_their_totals() -> None:
+    from training.fleet_eval import STRIP_PIXELS, strip_pixels
+
+    analysed, scores, defect = tailed_strip(0)
+    strip = strip_pixels(analysed, np.random.default_rng(0))
+    assert strip is not None
+    negatives = np.sort(scores[~defect])[::-1]
+    assert strip.negative_weights.sum() == pytest.approx(negatives.size)
+    top = strip.negative_weights == 1.0
+    np.testing.assert_array_equal(np.sort(strip.negatives[top])[::-1], negatives[:STRIP_PIXELS])
+    assert strip.positives.size == int(defect.sum()) and strip.positive_weight == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pixel_figures_on_the_strip_sample_match_the_exact_figures(seed: int) -> None:
+    """Pixel AP hinges on the few defect-free pixels that outscore defects: a uniform 0.1 %
+    sample of defect-free pixels misses them (AP far too high); the rank-stratified one keeps
+    them, so the sampled figures match those over every pixel."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from training.fleet_eval import pixel_figures, strip_pixels
+    from training.metrics import aupro
+
+    analysed, scores, defect = tailed_strip(seed)
+    exact_ap = average_precision_score(defect, scores)
+    strip = strip_pixels(analysed, np.random.default_rng(seed))
+    assert strip is not None
+    figures = pixel_figures([strip])
+    assert abs(figures["pixel_ap"] - exact_ap) < 0.01, (figures["pixel_ap"], exact_ap)
+    assert figures["pixel_auroc"] == pytest.approx(roc_auc_score(defect, scores), abs=0.002)
+    _, analysis, mask = analysed
+    assert mask is not None
+    exact_aupro = aupro([mask], [analysis.anomaly_map], [analysis.valid])
+    assert figures["aupro"] == pytest.approx(exact_aupro, abs=0.005)
+    # a resample holding the strip twice weighs both classes alike: the same figures
+    twice = pixel_figures([strip, strip])
+    assert twice["pixel_ap"] == pytest.approx(figures["pixel_ap"])
