@@ -113,6 +113,14 @@ class ValidAreaSettings(BaseModel):
     over its last few hundred columns) and where each model sees the image border. With none
     excluded, the highest score of every defect-free fabric-02 strip lay within 130 px of its
     right end (DRAEM, 20-minute CPU run: 8 of 8 strips), above several real defects.
+
+    ``field_of_view`` (learned by ``loomwatch train`` when ``learn_field_of_view`` is on; see
+    :func:`learn_field_of_view`) excludes, in images as wide as the training images, the
+    columns outside the span where at least ``field_of_view_share`` of the training images
+    showed fabric: a model has not learned what it (nearly) never saw, and on a line the
+    camera's field of view is fixed. AITEX fabric 01's defect strips show a
+    bright band of another material (columns 30-480) where every defect-free strip has white
+    padding; scored as fabric, it and its edge gave nearly every kept region (docs/fleets.md).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -124,6 +132,47 @@ class ValidAreaSettings(BaseModel):
     edge_reach: int = Field(default=1536, ge=0)
     selvage_width: int = Field(default=96, ge=0)
     end_margin: int = Field(default=32, ge=0)
+    learn_field_of_view: bool = Field(
+        default=True, description="training learns the columns its images show fabric in"
+    )
+    field_of_view_share: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="a column is in the field of view when this share of the training images"
+        " show fabric in it",
+    )
+    field_of_view: FieldOfView | None = None
+
+
+class FieldOfView(BaseModel):
+    """The columns ``[start, stop)`` that showed fabric in most of ``images`` training images
+    ``width`` pixels wide; columns outside are not fabric in an image of that width."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    width: int = Field(ge=1)
+    start: int = Field(ge=0)
+    stop: int = Field(ge=0)
+    images: int = Field(ge=1)
+
+
+def learn_field_of_view(valids: list[np.ndarray], share: float = 0.5) -> FieldOfView | None:
+    """The span of columns that show fabric in at least ``share`` of the training images'
+    valid areas; None when there are no images, their widths differ (no one field of view), or
+    no column qualifies."""
+    widths = {valid.shape[1] for valid in valids}
+    if len(widths) != 1:
+        return None
+    seen = np.zeros(widths.pop(), int)
+    for valid in valids:
+        seen += valid.any(axis=0)
+    columns = np.flatnonzero(seen >= max(share * len(valids), 1))
+    if columns.size == 0:
+        return None
+    return FieldOfView(
+        width=seen.size, start=int(columns[0]), stop=int(columns[-1]) + 1, images=len(valids)
+    )
 
 
 def _claim_ends(lines: np.ndarray, reach: int, selvage: int = 0) -> np.ndarray:
@@ -176,6 +225,9 @@ def valid_area(image: np.ndarray, settings: ValidAreaSettings | None = None) -> 
     ends = min(settings.end_margin, bad_cols.size // 16)
     if ends:
         bad_cols[:ends] = bad_cols[-ends:] = True
+    view = settings.field_of_view
+    if view is not None and view.width == bad_cols.size:
+        bad_cols[: view.start] = bad_cols[view.stop :] = True
     return np.asarray(~bad_rows[:, None] & ~bad_cols[None, :])
 
 

@@ -27,7 +27,7 @@ from models.calibration import Calibration
 from models.device import Runtime
 from models.network import TorchNetwork
 from models.pipeline import Detector
-from models.preprocessing import valid_area
+from models.preprocessing import learn_field_of_view, valid_area
 from models.registry import model_class
 from models.tile_dataset import TileDataset
 from models.tiling import pad_to_tile, plan_tiles
@@ -71,6 +71,27 @@ def _load_train_images(
         images.append(image)
         valids.append(valid_area(image, config.pipeline.valid_area))
     return images, valids
+
+
+def with_field_of_view(config: TrainConfig, valids: list[np.ndarray]) -> TrainConfig:
+    """``config`` with the field of view of the training images' valid areas in its pipeline
+    (``pipeline.valid_area.learn_field_of_view``), which every later valid area then applies:
+    the validation criterion, calibration, evaluation and serving."""
+    area = config.pipeline.valid_area
+    if not area.learn_field_of_view:
+        return config
+    view = learn_field_of_view(valids, area.field_of_view_share)
+    if view is None:
+        log.info("no field of view learned: the training images differ in width")
+        return config
+    log.info(
+        "field of view: columns %d-%d of %d (fabric in %.0f%% or more of %d training images)",
+        view.start, view.stop, view.width, 100 * area.field_of_view_share, view.images,
+    )  # fmt: skip
+    pipeline = config.pipeline.model_copy(
+        update={"valid_area": area.model_copy(update={"field_of_view": view})}
+    )
+    return config.model_copy(update={"pipeline": pipeline})
 
 
 def validation_scorer(
@@ -187,6 +208,7 @@ def train(
     model = cls(cls.config_class.model_validate(config.model))
 
     images, valids = _load_train_images(split, config, progress)
+    config = with_field_of_view(config, valids)
     pipeline = config.pipeline
     tiles = TileDataset(
         images, valids, pipeline.tile_size, pipeline.stride, pipeline.train_min_valid_fraction

@@ -357,3 +357,40 @@ def test_a_border_a_quarter_of_the_way_in_still_claims_the_end() -> None:
     middle[:, 1800:1806] = 255
     valid = valid_area(middle, WITH_SELVAGE)
     assert valid[:, : 1800 - 16].all() and not valid[:, 1800 - 16 : 1806 + 16].any()
+
+
+# --- the field of view learned from training images ------------------------------------------
+
+
+def _valid_from(start: int, width: int = 400, height: int = 8) -> np.ndarray:
+    valid = np.zeros((height, width), bool)
+    valid[:, start : width - 10] = True
+    return valid
+
+
+def test_field_of_view_spans_the_columns_most_training_images_show_fabric_in() -> None:
+    from models.preprocessing import learn_field_of_view
+
+    valids = [_valid_from(start) for start in (100, 104, 108, 30)]  # one strip reaches further
+    view = learn_field_of_view(valids)
+    assert view is not None
+    # columns 30-99 show fabric in one image of four, 100-103 in two: half is enough
+    assert (view.width, view.start, view.stop, view.images) == (400, 100, 390, 4)
+    every = learn_field_of_view(valids, share=0.25)  # any one image is enough
+    assert every is not None and every.start == 30
+    assert learn_field_of_view([_valid_from(100), _valid_from(100, width=300)]) is None
+    assert learn_field_of_view([np.zeros((8, 400), bool)]) is None
+    assert learn_field_of_view([]) is None
+
+
+def test_valid_area_leaves_out_columns_outside_the_field_of_view_at_its_width_only() -> None:
+    from models.preprocessing import FieldOfView
+
+    image = _fabric(32, 400)  # no padding: all fabric by the padding rules
+    view = FieldOfView(width=400, start=120, stop=380, images=5)
+    settings = ValidAreaSettings(end_margin=0, field_of_view=view)
+    valid = valid_area(image, settings)
+    assert not valid[:, :120].any() and not valid[:, 380:].any()
+    assert valid[:, 120:380].all()
+    # an image of another width is not the one the view was learned at: padding rules only
+    assert valid_area(_fabric(32, 300), settings).all()

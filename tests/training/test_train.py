@@ -61,3 +61,27 @@ def test_pixel_ap_joins_the_selection_criterion_by_default(synth_data: Path) -> 
 
     model.predict = flat  # type: ignore[method-assign]
     assert by_tiles(model) == tile_auroc and by_both(model) < both
+
+
+def test_training_learns_the_field_of_view_every_later_valid_area_applies() -> None:
+    import numpy as np
+
+    from models.manifest import PipelineConfig
+    from models.preprocessing import valid_area
+    from training.train import with_field_of_view
+
+    config, _ = load_config("patchcore", None, ["pipeline.valid_area.end_margin=0"])
+    valids = [np.zeros((16, 300), bool) for _ in range(3)]
+    for valid, start in zip(valids, (60, 64, 20), strict=True):
+        valid[:, start:] = True
+    learned = with_field_of_view(config, valids)
+    view = learned.pipeline.valid_area.field_of_view
+    assert view is not None and (view.start, view.stop, view.width) == (60, 300, 300)
+    assert config.pipeline.valid_area.field_of_view is None  # the given config is left alone
+    image = np.full((16, 300), 120, np.uint8)  # fabric everywhere, by the padding rules
+    assert valid_area(image, learned.pipeline.valid_area)[:, :60].sum() == 0
+    # the bundle keeps it: the manifest's pipeline reads back with the same view
+    raw = PipelineConfig.model_validate(learned.pipeline.model_dump(mode="json"))
+    assert raw.valid_area.field_of_view == view
+    off, _ = load_config("patchcore", None, ["pipeline.valid_area.learn_field_of_view=false"])
+    assert with_field_of_view(off, valids).pipeline.valid_area.field_of_view is None
