@@ -108,6 +108,11 @@ class ImageSize(BaseModel):
     height: int
 
 
+class ColumnSpan(BaseModel):
+    start: int
+    stop: int
+
+
 class ImageOut(BaseModel):
     filename: str | None = None
     format: str = Field(examples=["PNG"])
@@ -115,6 +120,14 @@ class ImageOut(BaseModel):
     width: int
     height: int
     tiles: int = Field(description="tiles the model scored")
+    fabric_fraction: float | None = Field(
+        default=None, description="share of the image's pixels scored as fabric (valid area)"
+    )
+    field_of_view: ColumnSpan | None = Field(
+        default=None,
+        description="the model's learned field of view, columns [start, stop), when it applied"
+        " (an image as wide as its training images): columns outside it are not scored",
+    )
 
 
 class MaskOut(BaseModel):
@@ -150,6 +163,8 @@ PREDICTION_EXAMPLE: dict[str, Any] = {
         "width": 4096,
         "height": 256,
         "tiles": 16,
+        "fabric_fraction": 0.9134,
+        "field_of_view": {"start": 352, "stop": 4064},
     },
     "score": 0.8312,
     "raw_score": 4.127,

@@ -242,6 +242,8 @@ class Scorer:
                 width=summary["image_size"]["width"],
                 height=summary["image_size"]["height"],
                 tiles=summary["tiles"],
+                fabric_fraction=summary["fabric_fraction"],
+                field_of_view=summary["field_of_view"],
             ),
             score=summary["score"],
             raw_score=summary["raw_score"],

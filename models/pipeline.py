@@ -48,6 +48,8 @@ class Analysis:
     tile_valid: list[float]  # share of each tile on fabric
     score: float  # raw image score: the largest score of a tile with fabric
     timings: dict[str, float] = field(default_factory=dict)
+    # columns [start, stop) of the bundle's learned field of view when it applied to this image
+    field_of_view: tuple[int, int] | None = None
 
 
 @dataclass
@@ -62,6 +64,7 @@ class _Tiled:
     pixels: np.ndarray  # uint8 [N,T,T]
     masks: np.ndarray  # bool [N,T,T]
     timings: dict[str, float]
+    field_of_view: tuple[int, int] | None = None
 
 
 @dataclass
@@ -80,9 +83,12 @@ class Prediction:
     def summary(self) -> dict[str, Any]:
         """JSON-ready result without pixel arrays."""
         height, width = self.analysis.image.shape
+        view = self.analysis.field_of_view
         return {
             "image_size": {"width": width, "height": height},
             "tiles": len(self.analysis.boxes),
+            "fabric_fraction": round(float(np.mean(self.analysis.valid)), 4),
+            "field_of_view": (None if view is None else {"start": view[0], "stop": view[1]}),
             "score": round(self.score, 6),
             "raw_score": self.raw_score,
             "threshold": self.threshold,
@@ -202,7 +208,9 @@ class Detector:
             boxes = plan_tiles(height, width, tile, self.pipeline.stride, padded_valid)
             pixels = np.stack([padded[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
             masks = np.stack([padded_valid[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
-        return _Tiled(image, valid, padded, padded_valid, boxes, pixels, masks, timings)
+        view = self.pipeline.valid_area.field_of_view
+        applied = (view.start, view.stop) if view and view.width == image.shape[1] else None
+        return _Tiled(image, valid, padded, padded_valid, boxes, pixels, masks, timings, applied)
 
     def _run(self, pixels: np.ndarray, masks: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
         """The network over uint8 tiles [N,T,T] in batches of ``batch_size``."""
@@ -225,7 +233,9 @@ class Detector:
             fractions = [valid_fraction(padded_valid, box) for box in boxes]
             on_fabric = [s for s, f in zip(scores, fractions, strict=True) if f > 0]
             score = max(on_fabric) if on_fabric else 0.0
-        return Analysis(image, tiled.valid, full, boxes, scores, fractions, score, timings)
+        return Analysis(
+            image, tiled.valid, full, boxes, scores, fractions, score, timings, tiled.field_of_view
+        )
 
     def analyse(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Analysis:
         tiled = self._tile(source, max_pixels)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -52,6 +53,9 @@ def test_predict_finds_the_stain(client: TestClient, defect_png: bytes) -> None:
         == ((WIDTH - 2 * ends) // 64) * (HEIGHT // 64)
         < (WIDTH // 64) * (HEIGHT // 64)
     )
+    # all of the strip but its ends is fabric; the bundle learned no field of view
+    assert image["fabric_fraction"] == pytest.approx((WIDTH - 2 * ends) / WIDTH, abs=1e-4)
+    assert image["field_of_view"] is None
     assert body["decision"] == "anomalous" and body["is_anomalous"] is True
     assert body["score"] >= body["threshold"] == 0.5
     assert isinstance(body["raw_score"], float) and isinstance(body["raw_threshold"], float)

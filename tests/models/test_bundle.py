@@ -78,3 +78,20 @@ def test_wrong_model_type_and_version_are_refused(tmp_path: Path) -> None:
         load_bundle(path)
     with pytest.raises(BundleError, match="not a bundle folder"):
         load_bundle(tmp_path / "missing")
+
+
+def test_a_saved_field_of_view_is_applied_and_reported_at_its_width_only(tmp_path: Path) -> None:
+    from models.preprocessing import FieldOfView, ValidAreaSettings
+
+    view = FieldOfView(width=256, start=64, stop=192, images=3)
+    area = ValidAreaSettings(end_margin=0, field_of_view=view)
+    pipeline = PipelineConfig(tile_size=64, stride=64, valid_area=area)
+    manifest = Manifest(model_type="patchcore", config=dict(TINY_PATCHCORE), calibration=CAL,
+                        pipeline=pipeline)  # fmt: skip
+    path = save_bundle(tmp_path / "bundle", fitted_patchcore(), manifest)
+    detector = Detector.from_bundle(path)  # read back from the manifest
+    summary = detector.predict(woven(64, 256, seed=5)).summary()
+    assert summary["field_of_view"] == {"start": 64, "stop": 192}
+    assert summary["fabric_fraction"] == 0.5 and summary["tiles"] == 2
+    other = detector.predict(woven(64, 320, seed=5)).summary()  # another width: not applied
+    assert other["field_of_view"] is None and other["fabric_fraction"] == 1.0
