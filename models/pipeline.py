@@ -209,7 +209,7 @@ class Detector:
             pixels = np.stack([padded[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
             masks = np.stack([padded_valid[b.y0 : b.y1, b.x0 : b.x1] for b in boxes])
         view = self.pipeline.valid_area.field_of_view
-        applied = (view.start, view.stop) if view and view.width == image.shape[1] else None
+        applied = (view.start, view.stop) if view and view.applies(image.shape[1]) else None
         return _Tiled(image, valid, padded, padded_valid, boxes, pixels, masks, timings, applied)
 
     def _run(self, pixels: np.ndarray, masks: np.ndarray) -> tuple[list[np.ndarray], list[float]]:

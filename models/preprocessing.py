@@ -156,6 +156,10 @@ class FieldOfView(BaseModel):
     stop: int = Field(ge=0)
     images: int = Field(ge=1)
 
+    def applies(self, width: int) -> bool:
+        """Whether it holds for an image ``width`` pixels wide (as wide as its training images)."""
+        return width == self.width
+
 
 def learn_field_of_view(valids: list[np.ndarray], share: float = 0.5) -> FieldOfView | None:
     """The span of columns that show fabric in at least ``share`` of the training images'
@@ -226,7 +230,7 @@ def valid_area(image: np.ndarray, settings: ValidAreaSettings | None = None) -> 
     if ends:
         bad_cols[:ends] = bad_cols[-ends:] = True
     view = settings.field_of_view
-    if view is not None and view.width == bad_cols.size:
+    if view is not None and view.applies(bad_cols.size):
         bad_cols[: view.start] = bad_cols[view.stop :] = True
     return np.asarray(~bad_rows[:, None] & ~bad_cols[None, :])
 

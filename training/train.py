@@ -82,7 +82,11 @@ def with_field_of_view(config: TrainConfig, valids: list[np.ndarray]) -> TrainCo
         return config
     view = learn_field_of_view(valids, area.field_of_view_share)
     if view is None:
-        log.info("no field of view learned: the training images differ in width")
+        log.info(
+            "no field of view learned: the training images differ in width, or no column"
+            " shows fabric in %.0f%% of them",
+            100 * area.field_of_view_share,
+        )
         return config
     log.info(
         "field of view: columns %d-%d of %d (fabric in %.0f%% or more of %d training images)",

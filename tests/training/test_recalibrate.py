@@ -36,6 +36,12 @@ def bundle(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_training_keeps_the_field_of_view_it_learned_in_the_bundle(bundle: Path) -> None:
+    view = read_manifest(bundle).pipeline.valid_area.field_of_view
+    assert view is not None and view.width == 512  # the synthetic strips' width
+    assert 0 <= view.start < view.stop <= 512 and view.images >= 1
+
+
 def record(store: FeedbackStore, weights: str, raw: float, decision: str, n: int) -> str:
     prediction_id = f"{weights[-6:]}{n:026d}"
     store.record(
