@@ -48,6 +48,13 @@ Choices, and why:
   scaler for float16). On an accelerator the data stage of the next batch runs in a thread
   while the device trains (models/epochs.py), so the same seed gives the same synthetic
   batches on every device; on the CPU nothing changes.
+- Ensembles (``members``, 1 by default): that many networks, seeded ``seed``, ``seed + 1``, ...,
+  are fitted one after the other, each on an even share of the time left and each keeping the
+  state validation scores best for it alone; scoring averages their anomaly probabilities before
+  smoothing and pooling. With a handful of defect-free strips per fabric one network's map, and
+  the state validation picks for it, change from run to run by more than a fabric's defects
+  separate by (docs/fleets.md); an average of independent networks is steadier. Scoring costs
+  ``members`` times as much; the first network keeps the weight names of a single one.
 - Map: the softmax anomaly channel, optionally smoothed over fabric (``smoothing_sigma``), 0 off
   fabric. Score (the paper): the maximum over fabric of the map averaged over ``score_pool`` x
   ``score_pool`` windows (averaging over fabric pixels only); 0 without fabric.
@@ -60,7 +67,10 @@ CPU preset: training/configs/draem-cpu.yaml.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import time
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -75,6 +85,8 @@ from models.components import Reconstructor, group_norm, smooth_on_fabric, ssim_
 from models.device import Runtime
 from models.epochs import fit_epochs, optimiser_step
 from models.synthesis import SynthesisConfig, SynthesisMix
+
+log = logging.getLogger(__name__)
 
 
 class DraemConfig(ModelConfig):
@@ -118,6 +130,14 @@ class DraemConfig(ModelConfig):
         " instead of the raw weights; 0: off",
     )
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    members: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="independently seeded networks trained one after the other, each on an even"
+        " share of the fit budget and keeping its own best state; scoring averages their maps"
+        " (a deep ensemble)",
+    )
     # scoring
     smoothing_sigma: float = Field(default=0.0, ge=0.0)
     score_pool: int = Field(
@@ -235,6 +255,12 @@ class Draem(Reconstructor):
         super().__init__(config, load_weights)  # no external weights to load
         self.reconstructive = ReconstructiveNet(config.recon_channels, config.recon_depth)
         self.discriminative = DiscriminativeNet(config.disc_channels, config.disc_depth)
+        # members 2..n of an ensemble (none by default, so one network keeps its weight names)
+        self.others = nn.ModuleList(
+            Draem(config.model_copy(update={"members": 1}), load_weights)
+            for _ in range(config.members - 1)
+        )
+        self._alone = False  # while member 1 fits, validation scores it alone
 
     # ---- passes -----------------------------------------------------------------------------
     @property
@@ -387,6 +413,29 @@ class Draem(Reconstructor):
     def fit(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
         if len(tiles) == 0:
             raise ValueError("no defect-free tiles to fit DRAEM on")
+        if not self.others:
+            return self._fit_one(tiles, context)
+        members: list[Draem] = [self, *self.others]
+        summaries: list[dict[str, Any]] = []
+        for index, member in enumerate(members):
+            left = context.seconds_left()
+            share = None if math.isinf(left) else max(left, 0.0) / (len(members) - index)
+            part = replace(
+                context,
+                deadline=None if share is None else time.monotonic() + share,
+                budget_seconds=share,
+                seed=context.seed + index,
+            )
+            log.info("DRAEM member %d of %d: %s", index + 1, len(members),
+                     "no time limit" if share is None else f"{share:.0f} s")  # fmt: skip
+            self._alone = member is self
+            try:
+                summaries.append(member._fit_one(tiles, part))
+            finally:
+                self._alone = False
+        return ensemble_summary(summaries)
+
+    def _fit_one(self, tiles: TileData, context: FitContext) -> dict[str, Any]:
         runtime = context.runtime
         runtime.prepare(self)
         generator = torch.Generator(device="cpu").manual_seed(context.seed)  # shuffling, data
@@ -424,11 +473,34 @@ class Draem(Reconstructor):
     @torch.inference_mode()
     def predict(self, tiles: torch.Tensor, valid: torch.Tensor) -> ModelOutput:
         normalised = self._normalise(tiles, valid)
-        _, logits = self._forward(normalised.x)
-        anomaly = logits.float().softmax(dim=1)[:, 1:2]  # fp32 maps under any autocast
+        anomaly = self._anomaly(normalised.x)
+        if not self._alone:
+            for member in self.others:
+                anomaly = anomaly + member._anomaly(normalised.x)  # type: ignore[operator]
+            anomaly = anomaly / (1 + len(self.others))
         maps = smooth_on_fabric(anomaly, normalised.weight, self.config.smoothing_sigma)
         scores = pooled_max_scores(maps, normalised.weight, self.config.score_pool)
         return ModelOutput(anomaly_map=maps[:, 0], score=scores)
+
+    def _anomaly(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised tiles -> this network's anomaly probability [B,1,H,W], fp32 under any
+        autocast."""
+        _, logits = self._forward(x)
+        return logits.float().softmax(dim=1)[:, 1:2]
+
+
+def ensemble_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One fit summary for an ensemble: the first member's figures, with the epochs summed and
+    each member's epochs, best epoch and criterion under ``member{N}_*``."""
+    summary = dict(summaries[0])
+    summary["members"] = float(len(summaries))
+    summary["epochs"] = float(sum(s.get("epochs", 0.0) for s in summaries))
+    summary["fit_seconds"] = float(sum(s.get("fit_seconds", 0.0) for s in summaries))
+    for number, member in enumerate(summaries, start=1):
+        for key in ("epochs", "best_epoch", "best_criterion", "fit_seconds"):
+            if key in member:
+                summary[f"member{number}_{key}"] = float(member[key])
+    return summary
 
 
 def scheduled_lr(config: DraemConfig, progress: float) -> float:

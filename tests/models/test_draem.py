@@ -11,6 +11,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from bench.ensemble_members import member_bundle
 from models.base import AnomalyModel, EpochLog, FitContext
 from models.bundle import Manifest, PipelineConfig, load_bundle, save_bundle
 from models.calibration import Calibration
@@ -252,3 +253,66 @@ def test_padding_never_drives_the_score(fitted: Draem) -> None:
     assert torch.equal(a.anomaly_map, b.anomaly_map) and torch.equal(a.score, b.score)
     assert (a.anomaly_map[0, :, 40:] == 0).all()
     assert fitted.predict(white, torch.zeros_like(valid)).score.item() == 0.0
+
+
+def test_members_train_in_turn_keep_their_own_states_and_average_their_maps(
+    tmp_path: Path,
+) -> None:
+    model = tiny(max_epochs=2, members=2)
+    assert len(model.others) == 1 and all(
+        k.startswith("others.0.") for k in set(model.state_dict()) - set(tiny().state_dict())
+    )
+    scored: list[tuple[AnomalyModel, bool]] = []
+    criteria = iter([0.1, 0.9, 0.8, 0.2])  # member 1 keeps epoch 1, member 2 epoch 0
+
+    def validate(candidate: AnomalyModel) -> float:
+        scored.append((candidate, getattr(candidate, "_alone", False)))
+        return next(criteria)
+
+    summary = model.fit(woven_tile_set(2), context([], validate=validate))
+    # each member is scored on its own: the first alone (not averaged with an untrained one)
+    assert [c is model for c, _ in scored] == [True, True, False, False]
+    assert all(alone for c, alone in scored if c is model)
+    assert scored[2][0] is model.others[0] and not model._alone
+    assert summary["members"] == 2 and summary["epochs"] == 4
+    assert summary["member1_best_epoch"] == 1 and summary["member2_best_epoch"] == 0
+    assert not same_state(model.others[0], {
+        k.removeprefix("others.0."): v for k, v in tiny().state_dict().items()
+        if not k.startswith("others.")})  # fmt: skip
+    tiles = torch.cat([woven_tile(1), woven_tile(2)])
+    valid = torch.ones_like(tiles, dtype=torch.bool)
+    output = model.predict(tiles, valid)
+    x = model._normalise(tiles, valid).x
+    expected = (model._anomaly(x) + model.others[0]._anomaly(x)) / 2  # type: ignore[operator]
+    assert torch.allclose(output.anomaly_map, expected[:, 0], atol=1e-6)
+    assert not torch.allclose(model._anomaly(x), expected, atol=1e-4)  # the members differ
+    manifest = Manifest(model_type="draem", config=model.config.model_dump(), calibration=CAL,
+                        pipeline=PipelineConfig(tile_size=64, stride=64))  # fmt: skip
+    loaded, _ = load_bundle(save_bundle(tmp_path / "bundle", model, manifest))
+    assert torch.equal(loaded.predict(tiles, valid).anomaly_map, output.anomaly_map)
+
+
+def test_members_share_the_time_budget_evenly() -> None:
+    model = tiny(max_epochs=10_000, members=2)
+    started = time.monotonic()
+    summary = model.fit(woven_tile_set(2), context([], deadline=started + 4.0, budget_seconds=4.0))
+    assert time.monotonic() - started < 6.0
+    first, second = summary["member1_fit_seconds"], summary["member2_fit_seconds"]
+    assert 1.0 < first < 3.0 and 1.0 < second < 3.0
+
+
+def test_one_member_of_an_ensemble_bundle_is_a_bundle_of_its_own(tmp_path: Path) -> None:
+    model = tiny(max_epochs=1, members=2)
+    model.fit(woven_tile_set(2), context([]))
+    manifest = Manifest(model_type="draem", config=model.config.model_dump(), calibration=CAL,
+                        pipeline=PipelineConfig(tile_size=64, stride=64))  # fmt: skip
+    ensemble = save_bundle(tmp_path / "ensemble", model, manifest)
+    tiles, valid = woven_tile(3), torch.ones(1, 1, 64, 64, dtype=torch.bool)
+    x = model._normalise(tiles, valid).x
+    for number, network in [(1, model), (2, model.others[0])]:
+        loaded, saved = load_bundle(member_bundle(ensemble, number, tmp_path / f"m{number}"))
+        assert isinstance(loaded, Draem) and not loaded.others and saved.config["members"] == 1
+        expected = network._anomaly(x)[:, 0]  # type: ignore[operator]
+        assert torch.allclose(loaded.predict(tiles, valid).anomaly_map, expected, atol=1e-6)
+    with pytest.raises(SystemExit, match=r"1\.\.2"):
+        member_bundle(ensemble, 3, tmp_path / "m3")

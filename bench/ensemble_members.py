@@ -1,0 +1,78 @@
+"""One member of a DRAEM ensemble fleet as a fleet of its own, recalibrated, to judge what the
+averaging gave on the same training run (a paired comparison: same networks, same split).
+
+    python -m bench.ensemble_members --fleet runs/fleet-ens --member 1 --data runs/hall/fit \
+        --out runs/fleet-ens-m1
+    loomwatch evaluate --model-uri runs/fleet-ens-m1 --data runs/hall/test --split all ...
+
+For every fabric of ``--fleet`` (trained with ``model.members`` of 2 or more) it writes a bundle
+holding member ``--member``'s network alone (``members`` 1), re-fits its operating point on the
+same validation split its ensemble was calibrated on (``loomwatch calibrate --split test``:
+the same held-back defect-free strips, the same rule) and writes a fleet manifest beside them, so
+that ``evaluate`` judges the member as it would a fleet that ``train`` wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from models.bundle import Manifest, load_bundle, save_bundle
+from models.draem import Draem
+from tracking.fleet import resolve_fleet, write_fleet_manifest
+from training.recalibrate import recalibrate_on_data
+
+
+def member_bundle(source: Path, member: int, out: Path) -> Path:
+    """Write member ``member`` (1-based) of the DRAEM ensemble bundle ``source`` as a bundle of
+    one network at ``out`` (the ensemble's calibration, to be re-fitted)."""
+    model, manifest = load_bundle(source)
+    if not isinstance(model, Draem) or not model.others:
+        raise SystemExit(f"{source} is not a DRAEM ensemble (model.members 2 or more)")
+    count = 1 + len(model.others)
+    if not 1 <= member <= count:
+        raise SystemExit(f"--member must lie in 1..{count} for {source}")
+    chosen: Draem = model if member == 1 else model.others[member - 2]  # type: ignore[assignment]
+    config = model.config.model_copy(update={"members": 1})
+    single = Draem(config, load_weights=False)
+    state = {k: v for k, v in chosen.state_dict().items() if not k.startswith("others.")}
+    single.load_state_dict(state)
+    alone = Manifest.model_validate(
+        {**manifest.model_dump(), "config": config.model_dump(), "export": None}
+    )
+    return save_bundle(out, single, alone)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fleet", type=Path, required=True)
+    parser.add_argument("--member", type=int, default=1)
+    parser.add_argument("--data", type=Path, required=True, help="the data the fleet trained on")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    fleet = resolve_fleet(str(args.fleet))
+    source = json.loads((args.fleet / "fleet.json").read_text())
+    fabrics: dict[str, Any] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.out) as scratch:
+        for fabric in fleet.fabrics:
+            entry = fleet.member(fabric)
+            assert entry is not None and entry.bundle is not None, f"{fabric}: no local bundle"
+            single = member_bundle(entry.bundle, args.member, Path(scratch) / fabric)
+            target = args.out / fabric
+            recalibrate_on_data(single, args.data, target, fabric=fabric, split="test")
+            shutil.rmtree(single)
+            fabrics[fabric] = {**source["fabrics"][fabric], "bundle": fabric, "uri": str(target),
+                               "pinned": None}  # fmt: skip
+            print(f"{fabric}: member {args.member} -> {target}", flush=True)
+    manifest = {**source, "fabrics": fabrics, "registered_as": None, "alias": None,
+                "member_of": str(args.fleet), "member": args.member}  # fmt: skip
+    write_fleet_manifest(args.out, manifest)
+
+
+if __name__ == "__main__":
+    main()
