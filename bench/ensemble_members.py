@@ -15,7 +15,6 @@ that ``evaluate`` judges the member as it would a fleet that ``train`` wrote.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,21 +54,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     fleet = resolve_fleet(str(args.fleet))
-    source = json.loads((args.fleet / "fleet.json").read_text())
     fabrics: dict[str, Any] = {}
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.out) as scratch:
         for fabric in fleet.fabrics:
             entry = fleet.member(fabric)
-            assert entry is not None and entry.bundle is not None, f"{fabric}: no local bundle"
+            if entry is None or entry.bundle is None:
+                raise SystemExit(f"{args.fleet}: fabric {fabric} has no bundle folder beside it")
             single = member_bundle(entry.bundle, args.member, Path(scratch) / fabric)
             target = args.out / fabric
             recalibrate_on_data(single, args.data, target, fabric=fabric, split="test")
             shutil.rmtree(single)
-            fabrics[fabric] = {**source["fabrics"][fabric], "bundle": fabric, "uri": str(target),
+            fabrics[fabric] = {**entry.info, "bundle": fabric, "uri": str(target),
                                "pinned": None}  # fmt: skip
             print(f"{fabric}: member {args.member} -> {target}", flush=True)
-    manifest = {**source, "fabrics": fabrics, "registered_as": None, "alias": None,
+    manifest = {**fleet.manifest, "fabrics": fabrics, "registered_as": None, "alias": None,
                 "member_of": str(args.fleet), "member": args.member}  # fmt: skip
     write_fleet_manifest(args.out, manifest)
 

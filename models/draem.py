@@ -53,7 +53,8 @@ Choices, and why:
   state validation scores best for it alone; scoring averages their anomaly probabilities before
   smoothing and pooling. With a handful of defect-free strips per fabric one network's map, and
   the state validation picks for it, change from run to run by more than a fabric's defects
-  separate by (docs/fleets.md); an average of independent networks is steadier. Scoring costs
+  separate by (docs/fleets.md); an average of independent networks should be steadier (measured
+  once there: "An ensemble of networks per fabric"; not yet the default). Scoring costs
   ``members`` times as much; the first network keeps the weight names of a single one.
 - Map: the softmax anomaly channel, optionally smoothed over fabric (``smoothing_sigma``), 0 off
   fabric. Score (the paper): the maximum over fabric of the map averaged over ``score_pool`` x
