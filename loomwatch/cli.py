@@ -247,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --data: test = the model's validation split of its training data; all = "
         "every image; auto (default): test when DIR is the training data, else all",
     )
+    calibrate.add_argument(
+        "--image-rule",
+        choices=("false_alarm", "false_alarm_tiles", "f1"),
+        help="the operating-point rule (default: the one the model was trained with)",
+    )
+    calibrate.add_argument(
+        "--target-false-alarm",
+        type=float,
+        metavar="RATE",
+        help="false alarms on defect-free images, in (0, 1) (default: the model's)",
+    )
     calibrate.add_argument("--out", type=Path, help="new model folder (default runs/calibrated-*)")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument(
@@ -800,6 +811,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _check_registration(args.register, args.alias)
     if args.data is None and (args.fabric or args.split != "auto"):
         raise CliError("--fabric and --split go with --data")
+    overrides: dict[str, Any] = {}
+    if args.image_rule is not None:
+        overrides["image_rule"] = args.image_rule
+    if args.target_false_alarm is not None:
+        if not 0.0 < args.target_false_alarm < 1.0:
+            raise CliError(
+                f"--target-false-alarm must lie strictly between 0 and 1, got "
+                f"{args.target_false_alarm:g}"
+            )
+        overrides["target_false_alarm"] = args.target_false_alarm
     out = args.out or Path("runs") / time.strftime("calibrated-%Y%m%d-%H%M%S")
     model = resolve_model_uri(args.model_uri)
     if args.data is not None:
@@ -812,6 +833,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             backend=args.backend,
             seed=args.seed,
             progress=not args.quiet,
+            overrides=overrides,
         )
     else:
         from app.feedback.store import FeedbackStore, safe_url
@@ -826,7 +848,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         finally:
             store.close()
         source = safe_url(args.feedback)
-        result = recalibrate_on_feedback(model, reviewed, out, source=source, seed=args.seed)
+        result = recalibrate_on_feedback(
+            model, reviewed, out, source=source, seed=args.seed, overrides=overrides
+        )
     print(describe(result.evidence, result.before, result.manifest.calibration))
     print(f"bundle: {result.folder}")
     if not args.register:

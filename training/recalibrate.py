@@ -76,10 +76,26 @@ class Recalibration:
         return describe(self.evidence, self.before, self.manifest.calibration)
 
 
-def calibration_config(manifest: Manifest) -> CalibrationConfig:
-    """The calibration settings the model was trained with (the defaults when not recorded)."""
+def calibration_config(
+    manifest: Manifest, overrides: dict[str, Any] | None = None
+) -> CalibrationConfig:
+    """The calibration settings the model was trained with (the defaults when not recorded),
+    with ``overrides`` (for example another ``image_rule``) laid over them."""
     full = manifest.training.get("full_config") or {}
-    return CalibrationConfig.model_validate(full.get("calibration") or {})
+    recorded = dict(full.get("calibration") or {})
+    try:
+        return CalibrationConfig.model_validate({**recorded, **(overrides or {})})
+    except ValueError as exc:
+        problem = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc)}
+        where = ".".join(str(part) for part in problem.get("loc", ())) or "calibration"
+        raise CalibrationError(f"calibration.{where}: {problem['msg']}") from None
+
+
+def _record_config(manifest: Manifest, config: CalibrationConfig) -> None:
+    """Write the settings used into the manifest, so the next recalibration starts from them."""
+    full = dict(manifest.training.get("full_config") or {})
+    full["calibration"] = config.model_dump()
+    manifest.training["full_config"] = full
 
 
 def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -97,11 +113,18 @@ def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str
 def _image_threshold(
     scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig, seed: int, where: str
 ) -> tuple[float, dict[str, Any], str]:
-    if config.image_rule == "false_alarm":
+    if config.image_rule.startswith("false_alarm"):
         check_clean_images(int((labels == 0).sum()), config, where)
         threshold, evidence = false_alarm_threshold(
             scores[labels == 0], config.target_false_alarm, seed
         )
+        if config.image_rule == "false_alarm_tiles":
+            # The service records an image's score, not its tiles': the rule on maxima instead.
+            evidence = {
+                **evidence,
+                "fallback_from": "false_alarm_tiles",
+                "reason": "recorded predictions carry no tile scores",
+            }
         return threshold, evidence, f"image:false-alarm-{config.target_false_alarm:g}"
     if 0 < labels.sum() < labels.size:
         counts = np.bincount(labels, minlength=2)
@@ -161,7 +184,9 @@ def recalibrate_on_data(
     backend: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> Recalibration:
+    """``overrides``: calibration settings to use instead of the recorded ones (and record)."""
     detector = Detector.from_bundle(model_dir, backend=backend)
     manifest = detector.manifest
     training = manifest.training
@@ -179,7 +204,7 @@ def recalibrate_on_data(
         samples = list(chosen.validation)
     else:
         samples = list(dataset.samples)
-    config = calibration_config(manifest)
+    config = calibration_config(manifest, overrides)
     where = f"{data} ({'validation split' if use_validation else 'every image'})"
     check_clean_images(sum(sample.label == 0 for sample in samples), config, where)
     analysed = [
@@ -206,6 +231,7 @@ def recalibrate_on_data(
     }
     calibration.evidence["recalibration"] = evidence
     updated = _manifest_with(manifest, calibration, suppression)
+    _record_config(updated, config)
     return Recalibration(write_recalibrated(model_dir, out, updated), updated, before, evidence)
 
 
@@ -219,8 +245,10 @@ def recalibrate_on_feedback(
     *,
     source: str,
     seed: int = 0,
+    overrides: dict[str, Any] | None = None,
 ) -> Recalibration:
-    """``reviewed``: the recorded predictions of these weights (``source`` names where from)."""
+    """``reviewed``: the recorded predictions of these weights (``source`` names where from);
+    ``overrides``: calibration settings to use instead of the recorded ones (and record)."""
     manifest = read_manifest(model_dir)
     digest = weights_digest(model_dir)
     if not reviewed:
@@ -232,7 +260,7 @@ def recalibrate_on_feedback(
     scores = np.array([item.raw_score for item in known], dtype=np.float64)
     labels = np.array([item.label for item in known], dtype=np.int64)
     verdicts = Counter(item.verdict or "none" for item in reviewed)
-    config = calibration_config(manifest)
+    config = calibration_config(manifest, overrides)
     where = f"feedback in {source}"
     try:
         threshold, operating, method = _image_threshold(scores, labels, config, seed, where)
@@ -274,6 +302,7 @@ def recalibrate_on_feedback(
     calibration.evidence["recalibration"] = evidence
     suppression = SuppressionSettings.model_validate(manifest.suppression)
     updated = _manifest_with(manifest, calibration, suppression)
+    _record_config(updated, config)
     return Recalibration(write_recalibrated(model_dir, out, updated), updated, before, evidence)
 
 

@@ -130,6 +130,20 @@ def test_feedback_moves_the_image_threshold_and_keeps_the_weights(
     assert Detector.from_bundle(out).predict(image).threshold == 0.5  # a model like any other
 
 
+def test_feedback_with_the_tile_rule_says_it_used_the_maxima(
+    bundle: Path, feedback: tuple[str, dict[str, list[float]]], tmp_path: Path
+) -> None:
+    url, scores = feedback
+    out = tmp_path / "tiles-from-feedback"
+    assert main(["--quiet", "calibrate", "--model-uri", str(bundle), "--feedback", url,
+                 "--image-rule", "false_alarm_tiles", "--out", str(out)]) == 0  # fmt: skip
+    operating = read_manifest(out).calibration.evidence["operating_point"]
+    assert operating["fallback_from"] == "false_alarm_tiles"
+    assert operating["reason"] == "recorded predictions carry no tile scores"
+    expected, _ = false_alarm_threshold(np.array(scores["clean"]), 0.05, seed=0)
+    assert read_manifest(out).calibration.image_threshold == pytest.approx(expected, rel=1e-12)
+
+
 def test_labelled_data_reproduces_the_trainings_calibration(
     bundle: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -144,6 +158,35 @@ def test_labelled_data_reproduces_the_trainings_calibration(
     assert again.method == trained.method
     assert read_manifest(out).suppression == read_manifest(bundle).suppression
     assert again.evidence["recalibration"]["source"] == "data"
+
+
+def test_another_operating_point_rule_without_retraining(
+    bundle: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--image-rule false_alarm_tiles fits the tiles of the same held-back strips; the rule is
+    recorded, so recalibrating the new folder again keeps it."""
+    out = tmp_path / "tiles"
+    assert main(["--quiet", "calibrate", "--model-uri", str(bundle), "--data", str(synth_data),
+                 "--image-rule", "false_alarm_tiles", "--target-false-alarm", "0.1",
+                 "--out", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    trained, tiles = read_manifest(bundle).calibration, read_manifest(out).calibration
+    operating = tiles.evidence["operating_point"]
+    assert operating["target_false_alarm"] == 0.1
+    assert operating["rule"] == "false_alarm_tiles" or "fallback_from" in operating
+    if operating["rule"] == "false_alarm_tiles":
+        assert tiles.method.startswith("image:false-alarm-tiles-0.1")
+        assert (
+            operating["held_back_defect_free"]
+            == trained.evidence["operating_point"]["held_back_defect_free"]
+        )
+    assert calibration_config(read_manifest(out)).image_rule == "false_alarm_tiles"
+    again = tmp_path / "again"
+    assert main(["--quiet", "calibrate", "--model-uri", str(out), "--data", str(synth_data),
+                 "--out", str(again)]) == 0  # fmt: skip
+    assert read_manifest(again).calibration.image_threshold == pytest.approx(
+        tiles.image_threshold, rel=1e-9
+    )
 
 
 def test_bad_requests_are_one_line_and_write_nothing(
@@ -172,6 +215,8 @@ def test_bad_requests_are_one_line_and_write_nothing(
     assert main(["calibrate", "--model-uri", str(bundle), "--feedback", url,
                  "--out", str(bundle)]) == 2  # fmt: skip
     one_line_error(capsys, "the model's own folder")
+    assert main([*calibrate, "--feedback", url, "--target-false-alarm", "1.5"]) == 2
+    one_line_error(capsys, "--target-false-alarm must lie strictly between 0 and 1")
     assert main([*calibrate, "--feedback", url, "--split", "test"]) == 2
     one_line_error(capsys, "--fabric and --split go with --data")
     with pytest.raises(SystemExit) as exited:

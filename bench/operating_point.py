@@ -1,0 +1,125 @@
+"""Image-threshold rules side by side on a fleet's held-out strips (issue 13's operating point).
+
+    python -m bench.operating_point --fleet runs/fleet-a --data runs/hall/fit \
+        --test runs/hall/test --json runs/operating-point.json
+
+For every fabric of ``--fleet`` it analyses the validation split of ``--data`` (the data the
+fleet trained on: the same held-back defect-free strips its calibration used) and every strip of
+``--test``, once. Each rule and target then sets a raw image threshold from the held-back
+strips alone (``training.calibrate``, the code training uses), and the held-out strips are
+decided through ``Detector.finish`` (the serving path, veto included) at that threshold, with
+the bundle's pixel threshold and suppression kept. Printed: per fabric and pooled, defective
+strips flagged and defect-free strips flagged, with each threshold and its 95 % interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.pipeline import Analysis, Detector
+from tracking.fleet import resolve_fleet
+from training.calibrate import fabric_tile_scores, false_alarm_threshold, tile_tail_threshold
+from training.data import load_dataset, split_dataset
+from training.evaluate import analyse_samples
+
+RULES = ("false_alarm", "false_alarm_tiles")
+
+
+def threshold_for(rule: str, clean: list[Analysis], target: float) -> tuple[float, dict[str, Any]]:
+    """The raw image threshold a rule sets from held-back defect-free analyses."""
+    if rule == "false_alarm":
+        return false_alarm_threshold(np.asarray([a.score for a in clean]), target, seed=0)
+    tiles = [fabric_tile_scores(a.tile_scores, a.tile_valid) for a in clean]
+    return tile_tail_threshold(tiles, target, seed=0)
+
+
+def judge_fabric(
+    detector: Detector, held_back: list[Analysis], test: list[tuple[int, str, Analysis]],
+    targets: list[float],
+) -> dict[str, Any]:  # fmt: skip
+    """Thresholds of every rule and target, and the decisions on the held-out strips."""
+    results: dict[str, Any] = {}
+    for rule in RULES:
+        for target in targets:
+            threshold, evidence = threshold_for(rule, held_back, target)
+            calibration = detector.calibration.model_copy(
+                update={
+                    "image_threshold": threshold,
+                    "image_max": max(detector.calibration.image_max, threshold),
+                    "image_min": min(detector.calibration.image_min, threshold),
+                }
+            )
+            flagged = [
+                (label, name, detector.finish(analysis, calibration=calibration).decision)
+                for label, name, analysis in test
+            ]
+            results[f"{rule}@{target:g}"] = {
+                "threshold": threshold,
+                "threshold_ci95": evidence.get("threshold_ci95"),
+                "fallback": evidence.get("reason"),
+                "defective": sum(label == 1 for label, _, _ in flagged),
+                "detected": sum(label == 1 and flag for label, _, flag in flagged),
+                "defect_free": sum(label == 0 for label, _, _ in flagged),
+                "false_alarms": sum(label == 0 and flag for label, _, flag in flagged),
+                "missed": [name for label, name, flag in flagged if label == 1 and not flag],
+                "alarms": [name for label, name, flag in flagged if label == 0 and flag],
+                "exceedance": evidence.get("held_back_maximum_exceedance"),
+            }
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fleet", required=True)
+    parser.add_argument("--data", type=Path, required=True, help="the data the fleet trained on")
+    parser.add_argument("--test", type=Path, required=True, help="held-out strips, same layout")
+    parser.add_argument("--target", type=float, action="append", help="default 0.05 and 0.1")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    targets = args.target or [0.05, 0.1]
+    fleet = resolve_fleet(args.fleet)
+    report: dict[str, Any] = {"fleet": args.fleet, "fabrics": {}}
+    for fabric in fleet.fabrics:
+        entry = fleet.member(fabric)
+        if entry is None or entry.bundle is None:
+            raise SystemExit(f"{args.fleet}: fabric {fabric} has no bundle folder beside it")
+        detector = Detector.from_bundle(entry.bundle)
+        training = detector.manifest.training
+        dataset = load_dataset(args.data, fabric=fabric)
+        split = split_dataset(dataset, training.get("val_fraction", 0.3), training.get("seed", 0))
+        clean = [s for s in split.validation if s.label == 0]
+        held_back = [a for _, a, _ in analyse_samples(detector, clean, desc=f"{fabric} held")]
+        test_samples = load_dataset(args.test, fabric=fabric).samples
+        analysed = analyse_samples(detector, test_samples, desc=f"{fabric} test")
+        test = [(sample.label, sample.name, analysis) for sample, analysis, _ in analysed]
+        results = judge_fabric(detector, held_back, test, targets)
+        report["fabrics"][fabric] = results
+        for key, row in results.items():
+            print(
+                f"{fabric} {key:24s} threshold {row['threshold']:.5g} "
+                f"detected {row['detected']}/{row['defective']} "
+                f"false alarms {row['false_alarms']}/{row['defect_free']}",
+                flush=True,
+            )
+    pooled: dict[str, Any] = {}
+    for key in next(iter(report["fabrics"].values()), {}):
+        rows = [results[key] for results in report["fabrics"].values()]
+        total = {f: sum(row[f] for row in rows) for f in
+                 ("detected", "defective", "false_alarms", "defect_free")}  # fmt: skip
+        pooled[key] = total
+        print(
+            f"pooled {key:24s} detected {total['detected']}/{total['defective']} "
+            f"false alarms {total['false_alarms']}/{total['defect_free']}"
+        )
+    report["pooled"] = pooled
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
