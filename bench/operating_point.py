@@ -23,30 +23,46 @@ import numpy as np
 
 from models.pipeline import Analysis, Detector
 from tracking.fleet import resolve_fleet
-from training.calibrate import fabric_tile_scores, false_alarm_threshold, tile_tail_threshold
+from training.calibrate import (
+    f1_optimal_threshold,
+    fabric_tile_scores,
+    false_alarm_threshold,
+    tile_tail_threshold,
+)
 from training.data import load_dataset, split_dataset
 from training.evaluate import analyse_samples
 
-RULES = ("false_alarm", "false_alarm_tiles")
+RULES = ("false_alarm", "false_alarm_tiles", "f1")
 
 
-def threshold_for(rule: str, clean: list[Analysis], target: float) -> tuple[float, dict[str, Any]]:
-    """The raw image threshold a rule sets from held-back defect-free analyses."""
+def threshold_for(
+    rule: str, validation: list[tuple[int, Analysis]], target: float
+) -> tuple[float, dict[str, Any]]:
+    """The raw image threshold a rule sets from the validation analyses (label, analysis)."""
+    clean = [analysis for label, analysis in validation if label == 0]
     if rule == "false_alarm":
         return false_alarm_threshold(np.asarray([a.score for a in clean]), target, seed=0)
+    if rule == "f1":
+        labels = np.asarray([label for label, _ in validation])
+        scores = np.asarray([analysis.score for _, analysis in validation])
+        counts = np.bincount(labels, minlength=2)
+        if counts.min() == 0:
+            return false_alarm_threshold(scores[labels == 0], target, seed=0)
+        balance = np.where(labels == 1, 0.5 / counts[1], 0.5 / counts[0])
+        return f1_optimal_threshold(labels, scores, balance), {"rule": "f1"}
     tiles = [fabric_tile_scores(a.tile_scores, a.tile_valid) for a in clean]
     return tile_tail_threshold(tiles, target, seed=0)
 
 
 def judge_fabric(
-    detector: Detector, held_back: list[Analysis], test: list[tuple[int, str, Analysis]],
-    targets: list[float],
+    detector: Detector, validation: list[tuple[int, Analysis]],
+    test: list[tuple[int, str, Analysis]], targets: list[float],
 ) -> dict[str, Any]:  # fmt: skip
     """Thresholds of every rule and target, and the decisions on the held-out strips."""
     results: dict[str, Any] = {}
     for rule in RULES:
-        for target in targets:
-            threshold, evidence = threshold_for(rule, held_back, target)
+        for target in targets if rule != "f1" else targets[:1]:
+            threshold, evidence = threshold_for(rule, validation, target)
             calibration = detector.calibration.model_copy(
                 update={
                     "image_threshold": threshold,
@@ -92,13 +108,22 @@ def main(argv: list[str] | None = None) -> None:
         training = detector.manifest.training
         dataset = load_dataset(args.data, fabric=fabric)
         split = split_dataset(dataset, training.get("val_fraction", 0.3), training.get("seed", 0))
-        clean = [s for s in split.validation if s.label == 0]
-        held_back = [a for _, a, _ in analyse_samples(detector, clean, desc=f"{fabric} held")]
+        analysed = analyse_samples(detector, list(split.validation), desc=f"{fabric} validation")
+        validation = [(sample.label, analysis) for sample, analysis, _ in analysed]
         test_samples = load_dataset(args.test, fabric=fabric).samples
         analysed = analyse_samples(detector, test_samples, desc=f"{fabric} test")
         test = [(sample.label, sample.name, analysis) for sample, analysis, _ in analysed]
-        results = judge_fabric(detector, held_back, test, targets)
+        results = judge_fabric(detector, validation, test, targets)
         report["fabrics"][fabric] = results
+        # the raw figures, to try other rules without scoring again
+        report.setdefault("scores", {})[fabric] = {
+            "validation": [
+                {"label": label, "score": a.score,
+                 "tiles": fabric_tile_scores(a.tile_scores, a.tile_valid).tolist()}
+                for label, a in validation
+            ],
+            "test": [{"label": label, "name": name, "score": a.score} for label, name, a in test],
+        }  # fmt: skip
         for key, row in results.items():
             print(
                 f"{fabric} {key:24s} threshold {row['threshold']:.5g} "
@@ -107,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     pooled: dict[str, Any] = {}
-    for key in next(iter(report["fabrics"].values()), {}):
-        rows = [results[key] for results in report["fabrics"].values()]
+    keys = {key for results in report["fabrics"].values() for key in results}
+    for key in sorted(keys):
+        rows = [results[key] for results in report["fabrics"].values() if key in results]
         total = {f: sum(row[f] for row in rows) for f in
                  ("detected", "defective", "false_alarms", "defect_free")}  # fmt: skip
         pooled[key] = total
