@@ -5,11 +5,15 @@
 
 For every fabric of ``--fleet`` it analyses the validation split of ``--data`` (the data the
 fleet trained on: the same held-back defect-free strips its calibration used) and every strip of
-``--test``, once. Each rule and target then sets a raw image threshold from the held-back
-strips alone (``training.calibrate``, the code training uses), and the held-out strips are
+``--test``, once. Each rule and target then sets a raw image threshold from the validation
+strips (``false_alarm``: the held-back defect-free ones; ``f1``: all of them, balanced), with
+the code recalibration uses (``training.recalibrate.image_threshold``), and the held-out strips are
 decided through ``Detector.finish`` (the serving path, veto included) at that threshold, with
 the bundle's pixel threshold and suppression kept. Printed: per fabric and pooled, defective
-strips flagged and defect-free strips flagged, with each threshold and its 95 % interval.
+strips flagged and defect-free strips flagged, with each threshold and its 95 % interval. The
+JSON also keeps every validation strip's score and fabric tile scores and every held-out
+strip's score, to try other rules without scoring again (how the tile-score rules of
+docs/fleets.md, "Where the operating point comes from", were judged).
 """
 
 from __future__ import annotations
@@ -23,35 +27,32 @@ import numpy as np
 
 from models.pipeline import Analysis, Detector
 from tracking.fleet import resolve_fleet
-from training.calibrate import (
-    f1_optimal_threshold,
-    fabric_tile_scores,
-    false_alarm_threshold,
-    tile_tail_threshold,
-)
+from training.config import CalibrationConfig
 from training.data import load_dataset, split_dataset
 from training.evaluate import analyse_samples
+from training.recalibrate import image_threshold
 
-RULES = ("false_alarm", "false_alarm_tiles", "f1")
+RULES = ("false_alarm", "f1")
 
 
 def threshold_for(
     rule: str, validation: list[tuple[int, Analysis]], target: float
 ) -> tuple[float, dict[str, Any]]:
-    """The raw image threshold a rule sets from the validation analyses (label, analysis)."""
-    clean = [analysis for label, analysis in validation if label == 0]
-    if rule == "false_alarm":
-        return false_alarm_threshold(np.asarray([a.score for a in clean]), target, seed=0)
-    if rule == "f1":
-        labels = np.asarray([label for label, _ in validation])
-        scores = np.asarray([analysis.score for _, analysis in validation])
-        counts = np.bincount(labels, minlength=2)
-        if counts.min() == 0:
-            return false_alarm_threshold(scores[labels == 0], target, seed=0)
-        balance = np.where(labels == 1, 0.5 / counts[1], 0.5 / counts[0])
-        return f1_optimal_threshold(labels, scores, balance), {"rule": "f1"}
-    tiles = [fabric_tile_scores(a.tile_scores, a.tile_valid) for a in clean]
-    return tile_tail_threshold(tiles, target, seed=0)
+    """The raw image threshold a rule sets from the validation analyses (label, analysis), as
+    recalibration sets it from image scores (``training.recalibrate.image_threshold``)."""
+    labels = np.asarray([label for label, _ in validation])
+    scores = np.asarray([analysis.score for _, analysis in validation])
+    if rule == "f1" and (labels == 1).sum() == 0:
+        rule = "false_alarm"  # f1 needs both classes (AITEX fabric 05 has no defective strip)
+    config = CalibrationConfig(image_rule=rule, target_false_alarm=target)  # type: ignore[arg-type]
+    threshold, evidence, _ = image_threshold(scores, labels, config, seed=0, where="validation")
+    return threshold, evidence
+
+
+def _fabric_tiles(analysis: Analysis) -> list[float]:
+    """The tile scores an image score is the maximum of (tiles with fabric)."""
+    pairs = zip(analysis.tile_scores, analysis.tile_valid, strict=True)
+    return [float(score) for score, share in pairs if share > 0]
 
 
 def judge_fabric(
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         # the raw figures, to try other rules without scoring again
         report.setdefault("scores", {})[fabric] = {
             "validation": [
-                {"label": label, "score": a.score,
-                 "tiles": fabric_tile_scores(a.tile_scores, a.tile_valid).tolist()}
+                {"label": label, "score": a.score, "tiles": _fabric_tiles(a)}
                 for label, a in validation
             ],
             "test": [{"label": label, "name": name, "score": a.score} for label, name, a in test],

@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument(
         "--image-rule",
-        choices=("false_alarm", "false_alarm_tiles", "f1"),
+        choices=("false_alarm", "f1"),
         help="the operating-point rule (default: the one the model was trained with)",
     )
     calibrate.add_argument(

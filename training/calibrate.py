@@ -12,17 +12,6 @@ model never fitted on.
   5 %); with fewer, ``k = n`` (just above the highest) and the bound, ``1/(n + 1)``, is reported
   as what the data can promise instead. A bootstrap over the held-back images gives the
   threshold's 95 % interval.
-- Image threshold, rule ``false_alarm_tiles``: the same target from the same held-back images,
-  read from their tiles instead of their maxima. An image's score is the highest of its tiles'
-  scores, and each tile's score is itself a maximum (over the windows of the tile), the kind of
-  quantity the Fisher-Tippett theorem gives a Gumbel law. So a Gumbel law is fitted (maximum
-  likelihood) to every fabric tile score of the held-back images, and the threshold is where a
-  new image of ``n`` tiles (the median over the held-back images) stays below it with
-  probability ``1 - target``: ``F(t)^n = 1 - target``. Three strips of 16 tiles give 48 scores
-  instead of 3 maxima, so the target can be modelled where the conformal rule can only sit
-  above the highest strip; the price is the assumption that tiles are alike and independent,
-  and the evidence reports how probable the fit finds each held-back image's own maximum. The
-  95 % interval comes from a bootstrap over whole images.
 - Image threshold, rule ``f1``: F1-optimal over validation images with the two classes weighted
   equally (the split holds every defective image but only some defect-free ones).
 - Pixel threshold and region settings: the regions an operator is shown must find the defects
@@ -44,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.stats import gumbel_r
 from sklearn.metrics import precision_recall_curve
 
 from models.calibration import Calibration
@@ -81,7 +69,6 @@ class CalibrationSamples:
     image_labels: list[int] = field(default_factory=list)
     pixel_scores: list[np.ndarray] = field(default_factory=list)
     pixel_labels: list[np.ndarray] = field(default_factory=list)
-    tile_scores: list[np.ndarray] = field(default_factory=list)  # each image's fabric tiles
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed)
@@ -93,12 +80,9 @@ class CalibrationSamples:
         anomaly_map: np.ndarray,
         valid: np.ndarray,
         mask: np.ndarray | None,
-        tiles: np.ndarray | None = None,
     ) -> None:
         self.image_scores.append(float(score))
         self.image_labels.append(int(label))
-        fabric_tiles = np.asarray([score] if tiles is None else tiles, dtype=np.float64)
-        self.tile_scores.append(fabric_tiles)
         values = anomaly_map[valid]
         truth = mask[valid] if mask is not None else np.zeros(values.shape, dtype=bool)
         if label == 1 and mask is None:
@@ -115,7 +99,7 @@ def required_clean_images(target: float) -> int:
 
 def check_clean_images(count: int, config: CalibrationConfig, where: str) -> None:
     """Fail early (one line) when too few defect-free images are held back for the rule."""
-    if config.image_rule.startswith("false_alarm") and count < config.min_clean_images:
+    if config.image_rule == "false_alarm" and count < config.min_clean_images:
         raise CalibrationError(
             f"{where}: the operating point needs at least {config.min_clean_images} defect-free "
             f"images held back from fitting, the split holds back {count}; add defect-free "
@@ -154,86 +138,8 @@ def false_alarm_threshold(
     return threshold, evidence
 
 
-MIN_TILES_FOR_FIT = 10  # fewer fabric tile scores than this: the strips' conformal rule instead
-
-
-def fabric_tile_scores(tile_scores: Sequence[float], tile_valid: Sequence[float]) -> np.ndarray:
-    """The scores of an image's tiles with fabric: those its image score is the maximum of."""
-    pairs = zip(tile_scores, tile_valid, strict=True)
-    return np.asarray([score for score, share in pairs if share > 0], dtype=np.float64)
-
-
-def _gumbel_threshold(strips: Sequence[np.ndarray], target: float) -> tuple[float, float, float]:
-    """(threshold, loc, scale): a Gumbel law fitted to all tile scores, read at the quantile a
-    maximum of the median tile count must stay below with probability ``1 - target``."""
-    values = np.concatenate(strips)
-    loc, scale = gumbel_r.fit(values)
-    tiles = float(np.median([strip.size for strip in strips]))
-    threshold = float(gumbel_r.ppf((1.0 - target) ** (1.0 / tiles), loc, scale))
-    return threshold, float(loc), float(scale)
-
-
-def tile_tail_threshold(
-    clean_tiles: Sequence[np.ndarray],
-    target: float,
-    seed: int,
-    resamples: int = THRESHOLD_RESAMPLES,
-) -> tuple[float, dict[str, Any]]:
-    """The raw threshold for ``target`` false alarms from the tile scores of held-back defect-free
-    images (rule ``false_alarm_tiles``, see the module), and its evidence. Falls back to the
-    conformal rule on the images' maxima, saying why, when the tiles cannot support a fit."""
-    strips = [np.asarray(tiles, dtype=np.float64) for tiles in clean_tiles if len(tiles)]
-    maxima = np.asarray([strip.max() for strip in strips]) if strips else np.zeros(0)
-    count = sum(strip.size for strip in strips)
-    spread = float(np.concatenate(strips).std()) if strips else 0.0
-    if count < MIN_TILES_FOR_FIT or spread <= 1e-12:
-        threshold, evidence = false_alarm_threshold(maxima, target, seed)
-        reason = (
-            f"{count} fabric tile scores (a fit needs {MIN_TILES_FOR_FIT})"
-            if count < MIN_TILES_FOR_FIT
-            else "every fabric tile scores the same"
-        )
-        return threshold, {**evidence, "fallback_from": "false_alarm_tiles", "reason": reason}
-    threshold, loc, scale = _gumbel_threshold(strips, target)
-    rng = np.random.default_rng(seed)
-    resampled = []
-    for _ in range(resamples):
-        chosen = rng.integers(0, len(strips), size=len(strips))
-        drawn = [strips[i] for i in chosen]
-        if np.concatenate(drawn).std() > 1e-12:
-            resampled.append(_gumbel_threshold(drawn, target)[0])
-    low, high = np.quantile(resampled, [0.025, 0.975]) if resampled else (threshold, threshold)
-    # How probable the fit finds each held-back image's own maximum (a strip far in the fitted
-    # tail, say under 1 %, means tiles are less alike than the law assumes).
-    exceedance = [
-        float(1.0 - gumbel_r.cdf(strip.max(), loc, scale) ** strip.size) for strip in strips
-    ]
-    evidence = {
-        "rule": "false_alarm_tiles",
-        "target_false_alarm": target,
-        "held_back_defect_free": len(strips),
-        "tile_scores": count,
-        "tiles_per_image": float(np.median([strip.size for strip in strips])),
-        "gumbel_loc": loc,
-        "gumbel_scale": scale,
-        "threshold_ci95": [float(low), float(high)],
-        "held_back_false_alarms": int((maxima >= threshold).sum()),
-        "held_back_maximum_exceedance": [round(value, 4) for value in exceedance],
-        "conformal_threshold": false_alarm_threshold(maxima, target, seed)[0],
-    }
-    return threshold, evidence
-
-
 def describe_operating_point(evidence: dict[str, Any]) -> str:
     """One line for the user: what the operating point rests on and how sure it is."""
-    if evidence.get("rule") == "false_alarm_tiles":
-        low, high = evidence["threshold_ci95"]
-        return (
-            f"operating point from the {evidence['tile_scores']} tile scores of "
-            f"{evidence['held_back_defect_free']} held-back defect-free images (Gumbel fit): "
-            f"false alarms on new images ~{evidence['target_false_alarm']:.0%} modelled; raw "
-            f"threshold 95% CI [{low:.5g}, {high:.5g}]"
-        )
     if evidence.get("rule") != "false_alarm":
         return f"image threshold by {evidence.get('rule', 'unknown rule')}"
     n, bound = evidence["held_back_defect_free"], evidence["false_alarm_bound"]
@@ -281,18 +187,6 @@ def fit_calibration(
         check_clean_images(clean.size, config, "calibration")
         image_threshold, evidence = false_alarm_threshold(clean, config.target_false_alarm, seed)
         methods.append(f"image:false-alarm-{config.target_false_alarm:g}")
-    elif config.image_rule == "false_alarm_tiles":
-        check_clean_images(clean.size, config, "calibration")
-        clean_tiles = [
-            tiles
-            for tiles, label in zip(samples.tile_scores, samples.image_labels, strict=True)
-            if label == 0
-        ]
-        image_threshold, evidence = tile_tail_threshold(
-            clean_tiles, config.target_false_alarm, seed
-        )
-        kind = "false-alarm-tiles" if evidence["rule"] == "false_alarm_tiles" else "false-alarm"
-        methods.append(f"image:{kind}-{config.target_false_alarm:g}")
     elif 0 < image_labels.sum() < image_labels.size:
         # Both classes weigh the same: a validation split is mostly defective images (every
         # defective image goes there), and plain F1 then rewards flagging everything.
@@ -454,8 +348,7 @@ def fit_operating_point(
     masks) the region settings by region F1; the evidence is in the calibration."""
     samples = CalibrationSamples(rate=config.negative_pixel_rate, seed=seed)
     for label, analysis, mask in analysed:
-        tiles = fabric_tile_scores(analysis.tile_scores, analysis.tile_valid)
-        samples.add(analysis.score, label, analysis.anomaly_map, analysis.valid, mask, tiles)
+        samples.add(analysis.score, label, analysis.anomaly_map, analysis.valid, mask)
     calibration = fit_calibration(samples, config, seed)
     if config.fit_regions:
         calibration, suppression, regions = fit_regions(

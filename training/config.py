@@ -44,9 +44,8 @@ class CalibrationConfig(BaseModel):
 
     # The image threshold: "false_alarm" holds the false-alarm rate on defect-free images held
     # back from fitting to `target_false_alarm`; "f1" maximises F1 with both classes weighted
-    # equally over the validation images (needs defective images there); "false_alarm_tiles"
-    # holds the same target through a Gumbel law fitted to the held-back images' tile scores.
-    image_rule: Literal["false_alarm", "false_alarm_tiles", "f1"] = "false_alarm"
+    # equally over the validation images (needs defective images there).
+    image_rule: Literal["false_alarm", "f1"] = "false_alarm"
     target_false_alarm: float = Field(default=0.05, gt=0.0, lt=1.0)
     # Defect-free images that must be held back from fitting (and from best-state selection).
     min_clean_images: int = Field(default=3, ge=1)

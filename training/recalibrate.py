@@ -110,21 +110,16 @@ def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str
     }
 
 
-def _image_threshold(
+def image_threshold(
     scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig, seed: int, where: str
 ) -> tuple[float, dict[str, Any], str]:
-    if config.image_rule.startswith("false_alarm"):
+    """The raw image threshold ``config``'s rule sets from labelled image scores alone, its
+    evidence and the method text (``where`` names the data in an error)."""
+    if config.image_rule == "false_alarm":
         check_clean_images(int((labels == 0).sum()), config, where)
         threshold, evidence = false_alarm_threshold(
             scores[labels == 0], config.target_false_alarm, seed
         )
-        if config.image_rule == "false_alarm_tiles":
-            # The service records an image's score, not its tiles': the rule on maxima instead.
-            evidence = {
-                **evidence,
-                "fallback_from": "false_alarm_tiles",
-                "reason": "recorded predictions carry no tile scores",
-            }
         return threshold, evidence, f"image:false-alarm-{config.target_false_alarm:g}"
     if 0 < labels.sum() < labels.size:
         counts = np.bincount(labels, minlength=2)
@@ -263,7 +258,7 @@ def recalibrate_on_feedback(
     config = calibration_config(manifest, overrides)
     where = f"feedback in {source}"
     try:
-        threshold, operating, method = _image_threshold(scores, labels, config, seed, where)
+        threshold, operating, method = image_threshold(scores, labels, config, seed, where)
     except CalibrationError as exc:
         raise CalibrationError(
             f"{exc}; the feedback has {int((labels == 0).sum())} defect-free strips "

@@ -8,7 +8,6 @@ from training.calibrate import (
     CalibrationSamples,
     describe_operating_point,
     f1_optimal_threshold,
-    false_alarm_threshold,
     fit_calibration,
     required_clean_images,
 )
@@ -73,80 +72,3 @@ def test_too_few_held_back_clean_images_is_a_clear_error() -> None:
     with pytest.raises(CalibrationError, match=r"at least 3 defect-free images.*holds back 2"):
         fit_calibration(_samples([1.0, 2.0, 5.0], [0, 0, 1]), CalibrationConfig())
     assert required_clean_images(0.05) == 19 and required_clean_images(0.1) == 9
-
-
-def _gumbel_strips(rng: np.random.Generator, strips: int, tiles: int = 16) -> list[np.ndarray]:
-    return [rng.gumbel(0.0, 1.0, tiles) for _ in range(strips)]
-
-
-def test_tile_rule_holds_the_target_where_three_strip_maxima_cannot() -> None:
-    # Tiles score a standard Gumbel law, 16 to a strip. A threshold t lets a new defect-free strip
-    # through with probability 1 - G(t)^16, known exactly. From 3 held-back strips the conformal
-    # rule sits just above the highest (expected false alarms 1/4); the tile rule fits 48 scores.
-    from scipy.stats import gumbel_r
-
-    from training.calibrate import tile_tail_threshold
-
-    def false_alarms(threshold: float) -> float:
-        return float(1.0 - gumbel_r.cdf(threshold) ** 16)
-
-    rng = np.random.default_rng(0)
-    tile_rates, strip_rates = [], []
-    for _ in range(200):
-        strips = _gumbel_strips(rng, 3)
-        threshold, evidence = tile_tail_threshold(strips, 0.05, seed=0, resamples=0)
-        assert evidence["rule"] == "false_alarm_tiles" and evidence["tile_scores"] == 48
-        tile_rates.append(false_alarms(threshold))
-        conformal = false_alarm_threshold(np.array([s.max() for s in strips]), 0.05, seed=0)[0]
-        strip_rates.append(false_alarms(conformal))
-    assert 0.02 < float(np.median(tile_rates)) < 0.09
-    assert float(np.mean(strip_rates)) > 0.18
-    assert float(np.mean(np.abs(np.array(tile_rates) - 0.05))) < float(
-        np.mean(np.abs(np.array(strip_rates) - 0.05))
-    )
-
-
-def test_tile_rule_interval_and_check_of_the_held_back_maxima() -> None:
-    from training.calibrate import tile_tail_threshold
-
-    strips = _gumbel_strips(np.random.default_rng(3), 5)
-    threshold, evidence = tile_tail_threshold(strips, 0.05, seed=0)
-    low, high = evidence["threshold_ci95"]
-    assert low < threshold < high
-    assert evidence["tiles_per_image"] == 16 and evidence["held_back_defect_free"] == 5
-    assert len(evidence["held_back_maximum_exceedance"]) == 5
-    assert all(0.0 <= p <= 1.0 for p in evidence["held_back_maximum_exceedance"])
-    # one strip with a tile far beyond the law: its maximum is improbable under the fit
-    odd = [*strips[:4], np.append(strips[4][:-1], 40.0)]
-    _, flagged = tile_tail_threshold(odd, 0.05, seed=0)
-    assert min(flagged["held_back_maximum_exceedance"]) < 0.01
-
-
-def test_tile_rule_falls_back_to_the_maxima_when_tiles_cannot_support_a_fit() -> None:
-    from training.calibrate import tile_tail_threshold
-
-    few = [np.array([1.0, 2.0]), np.array([3.0]), np.array([2.5, 0.5])]
-    threshold, evidence = tile_tail_threshold(few, 0.05, seed=0)
-    assert 3.0 < threshold < 3.0001 and evidence["rule"] == "false_alarm"
-    assert evidence["fallback_from"] == "false_alarm_tiles" and "needs 10" in evidence["reason"]
-    flat = [np.full(8, 0.25) for _ in range(3)]
-    _, evidence = tile_tail_threshold(flat, 0.05, seed=0)
-    assert evidence["reason"] == "every fabric tile scores the same"
-
-
-def test_fit_calibration_reads_the_tiles_of_held_back_clean_images_only() -> None:
-    rng = np.random.default_rng(1)
-    samples = CalibrationSamples(rate=1.0)
-    valid = np.ones((4, 4), bool)
-    clean_map = np.full((4, 4), 0.5, np.float32)
-    for tiles in _gumbel_strips(rng, 4):
-        samples.add(float(tiles.max()), 0, clean_map, valid, np.zeros((4, 4), bool), tiles)
-    # a defective image with an extreme tile must not move the threshold
-    samples.add(99.0, 1, clean_map * 4, valid, np.eye(4, dtype=bool), np.array([99.0, 0.0]))
-    config = CalibrationConfig(image_rule="false_alarm_tiles")
-    calibration = fit_calibration(samples, config)
-    evidence = calibration.evidence["operating_point"]
-    assert evidence["rule"] == "false_alarm_tiles" and evidence["tile_scores"] == 64
-    assert calibration.method.startswith("image:false-alarm-tiles-0.05")
-    assert calibration.image_threshold < 20.0
-    assert "64 tile scores of 4 held-back" in describe_operating_point(evidence)

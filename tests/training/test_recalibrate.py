@@ -130,18 +130,21 @@ def test_feedback_moves_the_image_threshold_and_keeps_the_weights(
     assert Detector.from_bundle(out).predict(image).threshold == 0.5  # a model like any other
 
 
-def test_feedback_with_the_tile_rule_says_it_used_the_maxima(
+def test_feedback_with_another_false_alarm_target(
     bundle: Path, feedback: tuple[str, dict[str, list[float]]], tmp_path: Path
 ) -> None:
+    """--target-false-alarm 0.2 over 45 defect-free strips: the conformal rank moves down."""
     url, scores = feedback
-    out = tmp_path / "tiles-from-feedback"
+    out = tmp_path / "target-0.2"
     assert main(["--quiet", "calibrate", "--model-uri", str(bundle), "--feedback", url,
-                 "--image-rule", "false_alarm_tiles", "--out", str(out)]) == 0  # fmt: skip
-    operating = read_manifest(out).calibration.evidence["operating_point"]
-    assert operating["fallback_from"] == "false_alarm_tiles"
-    assert operating["reason"] == "recorded predictions carry no tile scores"
-    expected, _ = false_alarm_threshold(np.array(scores["clean"]), 0.05, seed=0)
-    assert read_manifest(out).calibration.image_threshold == pytest.approx(expected, rel=1e-12)
+                 "--target-false-alarm", "0.2", "--out", str(out)]) == 0  # fmt: skip
+    clean = np.array(scores["clean"])
+    expected, _ = false_alarm_threshold(clean, 0.2, seed=0)
+    strict, _ = false_alarm_threshold(clean, 0.05, seed=0)
+    calibration = read_manifest(out).calibration
+    assert calibration.image_threshold == pytest.approx(expected, rel=1e-12) and expected < strict
+    assert calibration.evidence["operating_point"]["target_false_alarm"] == 0.2
+    assert calibration_config(read_manifest(out)).target_false_alarm == 0.2
 
 
 def test_labelled_data_reproduces_the_trainings_calibration(
@@ -163,29 +166,23 @@ def test_labelled_data_reproduces_the_trainings_calibration(
 def test_another_operating_point_rule_without_retraining(
     bundle: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--image-rule false_alarm_tiles fits the tiles of the same held-back strips; the rule is
-    recorded, so recalibrating the new folder again keeps it."""
-    out = tmp_path / "tiles"
+    """--image-rule f1 re-fits on the same validation split; the rule is recorded, so the next
+    recalibration of the new folder keeps it."""
+    out = tmp_path / "f1"
     assert main(["--quiet", "calibrate", "--model-uri", str(bundle), "--data", str(synth_data),
-                 "--image-rule", "false_alarm_tiles", "--target-false-alarm", "0.1",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--image-rule", "f1", "--out", str(out)]) == 0  # fmt: skip
     capsys.readouterr()
-    trained, tiles = read_manifest(bundle).calibration, read_manifest(out).calibration
-    operating = tiles.evidence["operating_point"]
-    assert operating["target_false_alarm"] == 0.1
-    assert operating["rule"] == "false_alarm_tiles" or "fallback_from" in operating
-    if operating["rule"] == "false_alarm_tiles":
-        assert tiles.method.startswith("image:false-alarm-tiles-0.1")
-        assert (
-            operating["held_back_defect_free"]
-            == trained.evidence["operating_point"]["held_back_defect_free"]
-        )
-    assert calibration_config(read_manifest(out)).image_rule == "false_alarm_tiles"
+    trained, refit = read_manifest(bundle).calibration, read_manifest(out).calibration
+    assert trained.method.startswith("image:false-alarm")
+    assert refit.method.startswith("image:f1-balanced")
+    assert refit.evidence["operating_point"]["rule"] == "f1"
+    assert calibration_config(read_manifest(out)).image_rule == "f1"
     again = tmp_path / "again"
     assert main(["--quiet", "calibrate", "--model-uri", str(out), "--data", str(synth_data),
                  "--out", str(again)]) == 0  # fmt: skip
+    assert read_manifest(again).calibration.method.startswith("image:f1-balanced")
     assert read_manifest(again).calibration.image_threshold == pytest.approx(
-        tiles.image_threshold, rel=1e-9
+        refit.image_threshold, rel=1e-9
     )
 
 
