@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from pydantic import ValidationError
 
 from models.calibration import Calibration
 from models.manifest import MANIFEST, Manifest, move_into_place, read_manifest, weights_digest
@@ -85,9 +86,9 @@ def calibration_config(
     recorded = dict(full.get("calibration") or {})
     try:
         return CalibrationConfig.model_validate({**recorded, **(overrides or {})})
-    except ValueError as exc:
-        problem = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc)}
-        where = ".".join(str(part) for part in problem.get("loc", ())) or "calibration"
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
         raise CalibrationError(f"calibration.{where}: {problem['msg']}") from None
 
 

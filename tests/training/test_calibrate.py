@@ -72,3 +72,16 @@ def test_too_few_held_back_clean_images_is_a_clear_error() -> None:
     with pytest.raises(CalibrationError, match=r"at least 3 defect-free images.*holds back 2"):
         fit_calibration(_samples([1.0, 2.0, 5.0], [0, 0, 1]), CalibrationConfig())
     assert required_clean_images(0.05) == 19 and required_clean_images(0.1) == 9
+
+
+def test_recalibration_settings_lay_overrides_over_the_recorded_ones() -> None:
+    from types import SimpleNamespace
+
+    from training.recalibrate import calibration_config
+
+    manifest = SimpleNamespace(training={"full_config": {"calibration": {"image_rule": "f1"}}})
+    config = calibration_config(manifest, {"target_false_alarm": 0.2})  # type: ignore[arg-type]
+    assert (config.image_rule, config.target_false_alarm) == ("f1", 0.2)
+    assert calibration_config(SimpleNamespace(training={})).image_rule == "false_alarm"  # type: ignore[arg-type]
+    with pytest.raises(CalibrationError, match=r"^calibration\.target_false_alarm: .*less than 1"):
+        calibration_config(manifest, {"target_false_alarm": 2.0})  # type: ignore[arg-type]
