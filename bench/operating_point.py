@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,11 +32,12 @@ from training.data import load_dataset, split_dataset
 from training.evaluate import analyse_samples
 from training.recalibrate import image_threshold
 
-RULES = ("false_alarm", "f1")
+Rule = Literal["false_alarm", "f1"]
+RULES: tuple[Rule, ...] = ("false_alarm", "f1")
 
 
 def threshold_for(
-    rule: str, validation: list[tuple[int, Analysis]], target: float
+    rule: Rule, validation: list[tuple[int, Analysis]], target: float
 ) -> tuple[float, dict[str, Any]]:
     """The raw image threshold a rule sets from the validation analyses (label, analysis), as
     recalibration sets it from image scores (``training.recalibrate.image_threshold``)."""
@@ -44,7 +45,7 @@ def threshold_for(
     scores = np.asarray([analysis.score for _, analysis in validation])
     if rule == "f1" and (labels == 1).sum() == 0:
         rule = "false_alarm"  # f1 needs both classes (AITEX fabric 05 has no defective strip)
-    config = CalibrationConfig(image_rule=rule, target_false_alarm=target)  # type: ignore[arg-type]
+    config = CalibrationConfig(image_rule=rule, target_false_alarm=target)
     threshold, evidence, _ = image_threshold(scores, labels, config, seed=0, where="validation")
     return threshold, evidence
 
@@ -78,14 +79,12 @@ def judge_fabric(
             results[f"{rule}@{target:g}"] = {
                 "threshold": threshold,
                 "threshold_ci95": evidence.get("threshold_ci95"),
-                "fallback": evidence.get("reason"),
                 "defective": sum(label == 1 for label, _, _ in flagged),
                 "detected": sum(label == 1 and flag for label, _, flag in flagged),
                 "defect_free": sum(label == 0 for label, _, _ in flagged),
                 "false_alarms": sum(label == 0 and flag for label, _, flag in flagged),
                 "missed": [name for label, name, flag in flagged if label == 1 and not flag],
                 "alarms": [name for label, name, flag in flagged if label == 0 and flag],
-                "exceedance": evidence.get("held_back_maximum_exceedance"),
             }
     return results
 
@@ -125,8 +124,10 @@ def main(argv: list[str] | None = None) -> None:
             "test": [{"label": label, "name": name, "score": a.score} for label, name, a in test],
         }  # fmt: skip
         for key, row in results.items():
+            interval = row["threshold_ci95"]
+            ci = f" [{interval[0]:.5g}, {interval[1]:.5g}]" if interval else ""
             print(
-                f"{fabric} {key:24s} threshold {row['threshold']:.5g} "
+                f"{fabric} {key:16s} threshold {row['threshold']:.5g}{ci} "
                 f"detected {row['detected']}/{row['defective']} "
                 f"false alarms {row['false_alarms']}/{row['defect_free']}",
                 flush=True,
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                  ("detected", "defective", "false_alarms", "defect_free")}  # fmt: skip
         pooled[key] = total
         print(
-            f"pooled {key:24s} detected {total['detected']}/{total['defective']} "
+            f"pooled {key:16s} detected {total['detected']}/{total['defective']} "
             f"false alarms {total['false_alarms']}/{total['defect_free']}"
         )
     report["pooled"] = pooled
