@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from models.baseline import ColumnBaseline
 from models.calibration import Calibration
 from models.preprocessing import ValidAreaSettings
 
@@ -39,6 +40,17 @@ class PipelineConfig(BaseModel):
     batch_size: int = Field(default=8, ge=1)
     train_min_valid_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
     valid_area: ValidAreaSettings = Field(default_factory=ValidAreaSettings)
+    learn_column_baseline: bool = Field(
+        default=False,
+        description="training learns each column's defect-free map level from the training"
+        " images' maps (models/baseline.py), which every later analysis of an image that wide"
+        " subtracts; off: measured worse on AITEX fabrics 03 and 06 (docs/fleets.md), and"
+        " PatchCore's and the VAE's maps of their own training images sit below new images'",
+    )
+    column_baseline_window: int = Field(
+        default=65, ge=1, description="columns the learned level is widened and smoothed over"
+    )
+    column_baseline: ColumnBaseline | None = None
 
 
 # Bumped whenever the Python pipeline around a network (inputs, outputs, what the graph holds)

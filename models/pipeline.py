@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from models.baseline import subtract_baseline
 from models.calibration import Calibration
 from models.manifest import Manifest, read_manifest
 from models.network import Network, TorchNetwork, load_network
@@ -111,6 +112,14 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     started = time.perf_counter()
     yield
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+
+
+def _box_peak(anomaly: np.ndarray, valid: np.ndarray, box: Box) -> float:
+    """The highest value of ``anomaly`` on fabric inside ``box`` (clipped to the image); 0
+    without fabric there."""
+    window = anomaly[box.y0 : box.y1, box.x0 : box.x1]
+    fabric = valid[box.y0 : box.y1, box.x0 : box.x1]
+    return float(window[fabric].max()) if fabric.any() else 0.0
 
 
 def _score_window(analysis: Analysis) -> tuple[int, int, int, int] | None:
@@ -224,12 +233,16 @@ class Detector:
             scores.extend(float(s) for s in batch_scores)
         return maps, scores
 
-    @staticmethod
-    def _stitch(tiled: _Tiled, maps: list[np.ndarray], scores: list[float]) -> Analysis:
+    def _stitch(self, tiled: _Tiled, maps: list[np.ndarray], scores: list[float]) -> Analysis:
         timings = tiled.timings
         image, padded_valid, boxes = tiled.image, tiled.padded_valid, tiled.boxes
         with _timed(timings, "stitch"):
             full = stitch(maps, boxes, *tiled.padded.shape)[: image.shape[0], : image.shape[1]]
+            baseline = self.pipeline.column_baseline
+            if baseline is not None and baseline.applies(image.shape[1]):
+                # each tile's score becomes its highest pixel above the column's level
+                full = subtract_baseline(full, baseline)
+                scores = [_box_peak(full, tiled.valid, box) for box in boxes]
             fractions = [valid_fraction(padded_valid, box) for box in boxes]
             on_fabric = [s for s, f in zip(scores, fractions, strict=True) if f > 0]
             score = max(on_fabric) if on_fabric else 0.0

@@ -22,9 +22,11 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from models.base import AnomalyModel, EpochCallback, FitContext
+from models.baseline import column_levels, learn_column_baseline
 from models.bundle import Manifest, library_versions, save_bundle
 from models.calibration import Calibration
 from models.device import Runtime
+from models.manifest import PipelineConfig
 from models.network import TorchNetwork
 from models.pipeline import Detector
 from models.preprocessing import learn_field_of_view, valid_area
@@ -35,6 +37,7 @@ from training.calibrate import check_clean_images, fit_operating_point
 from training.config import TrainConfig
 from training.data import (
     Dataset,
+    Sample,
     Split,
     fingerprint,
     has_pixel_labels,
@@ -96,6 +99,41 @@ def with_field_of_view(config: TrainConfig, valids: list[np.ndarray]) -> TrainCo
         update={"valid_area": area.model_copy(update={"field_of_view": view})}
     )
     return config.model_copy(update={"pipeline": pipeline})
+
+
+BASELINE_IMAGES = 32
+
+
+def with_column_baseline(
+    detector: Detector, samples: list[Sample], learn: bool, progress: bool = False
+) -> PipelineConfig:
+    """The detector's pipeline with the column baseline (:mod:`models.baseline`) learned from
+    the maps of ``samples`` (defect-free; at most ``BASELINE_IMAGES`` of them, evenly spread),
+    and set on the detector, when ``learn``; otherwise, or when none can be learned, the
+    pipeline without one."""
+    pipeline = detector.pipeline.model_copy(update={"column_baseline": None})
+    detector.pipeline = pipeline  # the maps it learns from are the network's own
+    if not learn or not samples:
+        return pipeline
+    if len(samples) > BASELINE_IMAGES:
+        spread = np.linspace(0, len(samples) - 1, BASELINE_IMAGES).round().astype(int)
+        samples = [samples[int(i)] for i in np.unique(spread)]
+    levels = [
+        column_levels(analysis.anomaly_map, analysis.valid)
+        for _, analysis, _ in analyse_samples(detector, samples, progress=progress, desc="baseline")
+    ]
+    baseline = learn_column_baseline(levels, pipeline.column_baseline_window)
+    if baseline is None:
+        log.info("no column baseline learned: the training images differ in width")
+        return pipeline
+    profile = np.asarray(baseline.values)
+    log.info(
+        "column baseline from %d training images: %.4g-%.4g (median %.4g) across %d columns",
+        baseline.images, profile.min(), profile.max(), np.median(profile), baseline.width,
+    )  # fmt: skip
+    learned = pipeline.model_copy(update={"column_baseline": baseline})
+    detector.pipeline = learned
+    return learned
 
 
 def validation_scorer(
@@ -248,6 +286,9 @@ def train(
         versions=library_versions(),
     )
     detector = Detector(TorchNetwork(model, runtime=runtime), manifest)
+    manifest.pipeline = with_column_baseline(
+        detector, list(split.train), pipeline.learn_column_baseline, progress
+    )
     # Validation analyses are kept in memory once, then used to calibrate and to evaluate.
     analysed = list(analyse_samples(detector, split.validation, progress=progress, desc="validate"))
     labelled = [(sample.label, analysis, mask) for sample, analysis, mask in analysed]

@@ -214,3 +214,11 @@ def test_inference_log_has_one_line_per_prediction(
     assert len(first["image"]["sha256"]) == 64 and first["time"].endswith("+00:00")
     assert [line["index"] for line in lines[1:]] == [0, 1]
     assert {line["request_id"] for line in lines[1:]} == {batch["request_id"]}
+
+
+def test_no_column_baseline_is_learned_by_default(bundle: Path) -> None:
+    """Measured worse on two AITEX fabrics (docs/fleets.md, "The column baseline")."""
+    from models.manifest import read_manifest
+
+    pipeline = read_manifest(bundle).pipeline
+    assert pipeline.learn_column_baseline is False and pipeline.column_baseline is None

@@ -85,3 +85,37 @@ def test_training_learns_the_field_of_view_every_later_valid_area_applies() -> N
     assert raw.valid_area.field_of_view == view
     off, _ = load_config("patchcore", None, ["pipeline.valid_area.learn_field_of_view=false"])
     assert with_field_of_view(off, valids).pipeline.valid_area.field_of_view is None
+
+
+def test_draem_training_learns_the_column_baseline_its_detector_applies(
+    synth_data: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from models.pipeline import Detector
+    from training.data import load_image
+    from training.train import train
+
+    tiny = [
+        "model.recon_channels=8", "model.disc_channels=8", "model.recon_depth=3",
+        "model.disc_depth=3", "model.crop_size=0", "model.augment_share=0.0",
+        "model.max_epochs=1", "pipeline.tile_size=64", "pipeline.stride=64",
+    ]  # fmt: skip
+    config, _ = load_config("draem", None, [*tiny, "pipeline.learn_column_baseline=true"])
+    result = train("draem", synth_data, config, out=tmp_path / "m", max_minutes=2, progress=False)
+    baseline = result.manifest.pipeline.column_baseline
+    train_images = len(split_dataset(load_dataset(synth_data), 0.3, 0).train)
+    assert baseline is not None and baseline.width == 512 and baseline.images == train_images
+    # the bundle scores with it: its map is the network's less each column's level
+    detector = Detector.from_bundle(result.bundle)
+    assert detector.pipeline.column_baseline == baseline
+    image = load_image(result.split.validation[0])
+    plain = Detector(detector.network, result.manifest.model_copy(deep=True))
+    plain.pipeline = plain.pipeline.model_copy(update={"column_baseline": None})
+    raw = plain.analyse(image).anomaly_map
+    expected = np.maximum(raw - baseline.profile()[None, :], 0)
+    assert np.allclose(detector.analyse(image).anomaly_map, expected, atol=1e-6)
+    # off by default
+    off, _ = load_config("draem", None, tiny)
+    without = train("draem", synth_data, off, out=tmp_path / "n", max_minutes=2, progress=False)
+    assert without.manifest.pipeline.column_baseline is None
