@@ -16,17 +16,14 @@ baseline and its raw image thresholds before and after.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from bench.fleet_variant import rewrite_fleet
 from models.pipeline import Detector
-from tracking.fleet import resolve_fleet, write_fleet_manifest
 from training.data import load_dataset, split_dataset
-from training.recalibrate import recalibrate_on_data, write_recalibrated
+from training.recalibrate import Recalibration, write_recalibrated
 from training.train import with_column_baseline
 
 
@@ -56,39 +53,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--without", action="store_true", help="remove the baseline instead")
     args = parser.parse_args(argv)
-    fleet = resolve_fleet(str(args.fleet))
-    fabrics: dict[str, Any] = {}
-    args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.out) as scratch:
-        for fabric in fleet.fabrics:
-            entry = fleet.member(fabric)
-            if entry is None or entry.bundle is None:
-                raise SystemExit(f"{args.fleet}: fabric {fabric} has no bundle folder beside it")
-            staged = rebased_bundle(
-                entry.bundle, args.data, fabric, Path(scratch) / fabric, args.without
-            )
-            target = args.out / fabric
-            result = recalibrate_on_data(
-                staged, args.data, target, fabric=fabric, split="test", progress=False
-            )
-            shutil.rmtree(staged)
-            baseline = result.manifest.pipeline.column_baseline
-            level = (
-                "none"
-                if baseline is None
-                else f"{np.min(baseline.values):.4f}-{np.max(baseline.values):.4f}"
-            )
-            before = result.before.image_threshold
-            after = result.manifest.calibration.image_threshold
-            print(
-                f"{fabric}: baseline {level}; raw image threshold {before:.4f} -> {after:.4f}"
-                f" -> {target}",
-                flush=True,
-            )
-            fabrics[fabric] = {**entry.info, "bundle": fabric, "uri": str(target), "pinned": None}
-    manifest = {**fleet.manifest, "fabrics": fabrics, "registered_as": None, "alias": None,
-                "rebased_from": str(args.fleet)}  # fmt: skip
-    write_fleet_manifest(args.out, manifest)
+
+    def change(source: Path, fabric: str, staged: Path) -> Path:
+        return rebased_bundle(source, args.data, fabric, staged, args.without)
+
+    def report(fabric: str, result: Recalibration) -> None:
+        baseline = result.manifest.pipeline.column_baseline
+        level = (
+            "none"
+            if baseline is None
+            else f"{np.min(baseline.values):.4f}-{np.max(baseline.values):.4f}"
+        )
+        before = result.before.image_threshold
+        after = result.manifest.calibration.image_threshold
+        print(
+            f"{fabric}: baseline {level}; raw image threshold {before:.4f} -> {after:.4f}"
+            f" -> {result.folder}",
+            flush=True,
+        )
+
+    extra = {"rebased_from": str(args.fleet)}
+    rewrite_fleet(args.fleet, args.data, args.out, change, extra, report)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,12 @@ that ``evaluate`` judges the member as it would a fleet that ``train`` wrote.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
+from bench.fleet_variant import rewrite_fleet
 from models.bundle import Manifest, load_bundle, save_bundle
 from models.draem import Draem
-from tracking.fleet import resolve_fleet, write_fleet_manifest
-from training.recalibrate import recalibrate_on_data
+from training.recalibrate import Recalibration
 
 
 def member_bundle(source: Path, member: int, out: Path) -> Path:
@@ -53,24 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="the data the fleet trained on")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    fleet = resolve_fleet(str(args.fleet))
-    fabrics: dict[str, Any] = {}
-    args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.out) as scratch:
-        for fabric in fleet.fabrics:
-            entry = fleet.member(fabric)
-            if entry is None or entry.bundle is None:
-                raise SystemExit(f"{args.fleet}: fabric {fabric} has no bundle folder beside it")
-            single = member_bundle(entry.bundle, args.member, Path(scratch) / fabric)
-            target = args.out / fabric
-            recalibrate_on_data(single, args.data, target, fabric=fabric, split="test")
-            shutil.rmtree(single)
-            fabrics[fabric] = {**entry.info, "bundle": fabric, "uri": str(target),
-                               "pinned": None}  # fmt: skip
-            print(f"{fabric}: member {args.member} -> {target}", flush=True)
-    manifest = {**fleet.manifest, "fabrics": fabrics, "registered_as": None, "alias": None,
-                "member_of": str(args.fleet), "member": args.member}  # fmt: skip
-    write_fleet_manifest(args.out, manifest)
+
+    def change(source: Path, fabric: str, staged: Path) -> Path:
+        return member_bundle(source, args.member, staged)
+
+    def report(fabric: str, result: Recalibration) -> None:
+        print(f"{fabric}: member {args.member} -> {result.folder}", flush=True)
+
+    extra = {"member_of": str(args.fleet), "member": args.member}
+    rewrite_fleet(args.fleet, args.data, args.out, change, extra, report)
 
 
 if __name__ == "__main__":
