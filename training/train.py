@@ -115,16 +115,16 @@ def with_column_baseline(
     detector.pipeline = pipeline  # the maps it learns from are the network's own
     if not learn or not samples:
         return pipeline
-    if len(samples) > BASELINE_IMAGES:
+    if len(samples) > BASELINE_IMAGES:  # evenly spread, so distinct once rounded
         spread = np.linspace(0, len(samples) - 1, BASELINE_IMAGES).round().astype(int)
-        samples = [samples[int(i)] for i in np.unique(spread)]
+        samples = [samples[int(i)] for i in spread]
     levels = [
         column_levels(analysis.anomaly_map, analysis.valid)
         for _, analysis, _ in analyse_samples(detector, samples, progress=progress, desc="baseline")
     ]
     baseline = learn_column_baseline(levels, pipeline.column_baseline_window)
     if baseline is None:
-        log.info("no column baseline learned: the training images differ in width")
+        log.info("no column baseline learned: training images differ in width or show no fabric")
         return pipeline
     profile = np.asarray(baseline.values)
     log.info(
