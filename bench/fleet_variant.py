@@ -24,11 +24,13 @@ def rewrite_fleet(
     change: ChangeBundle,
     manifest_extra: dict[str, Any],
     report: Callable[[str, Recalibration], None],
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write at ``out`` every fabric of ``fleet_uri`` changed by ``change`` and recalibrated on
     ``data`` (``loomwatch calibrate --split test``: the validation split the fleet's own
     operating points came from), then a fleet manifest with ``manifest_extra``; ``report`` is
-    told each fabric's recalibration."""
+    told each fabric's recalibration; ``overrides``: calibration settings laid over the recorded
+    ones (as ``loomwatch calibrate`` takes them)."""
     fleet = resolve_fleet(str(fleet_uri))
     fabrics: dict[str, Any] = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -40,8 +42,9 @@ def rewrite_fleet(
             staged = change(entry.bundle, fabric, Path(scratch) / fabric)
             target = out / fabric
             result = recalibrate_on_data(
-                staged, data, target, fabric=fabric, split="test", progress=False
-            )
+                staged, data, target, fabric=fabric, split="test", progress=False,
+                overrides=overrides,
+            )  # fmt: skip
             shutil.rmtree(staged)
             report(fabric, result)
             fabrics[fabric] = {**entry.info, "bundle": fabric, "uri": str(target), "pinned": None}

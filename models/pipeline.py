@@ -27,6 +27,7 @@ from models.postprocess import (
     decide,
     postprocess,
     settle,
+    smooth,
 )
 from models.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, valid_area
 from models.tiling import Box, pad_to_tile, plan_tiles, stitch, valid_fraction
@@ -77,6 +78,8 @@ class Prediction:
     raw_threshold: float
     decision: bool
     verdict: Verdict
+    # normalised (0.5 = pixel threshold) and smoothed as the regions were cut from it: the map
+    # an operator is shown and evaluation judges (pixel AUROC, AUPRO, pixel AP)
     normalized_map: np.ndarray
     post: PostProcessResult
     timings: dict[str, float]
@@ -321,11 +324,14 @@ class Detector:
         used = 0.5 if threshold is None else float(threshold)
         with _timed(timings, "calibrate"):
             score = calibration.normalize_image(analysis.score)
-            normalized_map = calibration.normalize_pixels(analysis.anomaly_map)
+            # smoothed in raw units, then normalised: the pixel calibration is fitted on the map
+            # smoothed the same way (training.calibrate)
+            raw_map = smooth(analysis.anomaly_map, settings.smoothing_sigma)
+            normalized_map = calibration.normalize_pixels(raw_map)
         with _timed(timings, "postprocess"):
             strong = score >= used + settings.veto_margin
             evidence = _score_window(analysis) if strong else None
-            found = postprocess(normalized_map, analysis.valid, settings, evidence)
+            found = postprocess(normalized_map, analysis.valid, settings, evidence, smoothed=True)
             verdict = decide(score, used, found)
             post = settle(found, verdict)
         timings["total"] = sum(timings.values())
@@ -337,7 +343,7 @@ class Detector:
             raw_threshold=calibration.image_threshold_from_normalized(used),
             decision=verdict.anomalous,
             verdict=verdict,
-            normalized_map=normalized_map,
+            normalized_map=post.smoothed,
             post=post,
             timings=timings,
         )

@@ -86,6 +86,9 @@ class PostProcessResult:
     kept: list[Region]
     suppressed: list[Region]
     settings: SuppressionSettings
+    # the normalised map smoothed with ``settings.smoothing_sigma`` (by the caller when it says
+    # so): the map the regions were cut from at 0.5, which is the map returned, drawn and judged
+    smoothed: np.ndarray
 
     @property
     def all_suppressed(self) -> bool:
@@ -130,17 +133,23 @@ def postprocess(
     valid: np.ndarray,
     settings: SuppressionSettings,
     evidence: Window | None = None,
+    *,
+    smoothed: bool = False,
 ) -> PostProcessResult:
     """Find, judge and log the regions of a normalised anomaly map (threshold 0.5).
+
+    With ``smoothed`` the map comes smoothed already (``Detector.finish`` smooths the raw map
+    before normalising it); otherwise it is smoothed here with ``settings.smoothing_sigma``.
 
     ``evidence`` is the window (y0, x0, y1, x1) the image score came from, given when that
     score alone makes the image anomalous: the region at its highest pixel is the decision's
     own evidence and is not suppressed for its area or peak (only for lying off the fabric).
     """
-    smoothed = smooth(normalized_map.astype(np.float32), settings.smoothing_sigma)
-    binary = (smoothed >= 0.5).astype(np.uint8)
+    values = normalized_map.astype(np.float32)
+    smoothed_map = values if smoothed else smooth(values, settings.smoothing_sigma)
+    binary = (smoothed_map >= 0.5).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    evidence_label = _evidence_label(labels, smoothed, valid, evidence)
+    evidence_label = _evidence_label(labels, smoothed_map, valid, evidence)
     mask = np.zeros(binary.shape, dtype=np.uint8)
     kept: list[Region] = []
     suppressed: list[Region] = []
@@ -149,7 +158,8 @@ def postprocess(
         box_labels = labels[y : y + height, x : x + width] == label
         box_valid = valid[y : y + height, x : x + width] & box_labels
         area = int(box_valid.sum())
-        region_pixels = smoothed[y : y + height, x : x + width][box_valid if area else box_labels]
+        box_map = smoothed_map[y : y + height, x : x + width]
+        region_pixels = box_map[box_valid if area else box_labels]
         peak, mean = float(region_pixels.max()), float(region_pixels.mean())
         reason = _suppression_reason(area, area / total, peak, settings)
         if label == evidence_label and reason in ("area_below_min", "peak_below_min"):
@@ -161,7 +171,7 @@ def postprocess(
         else:
             suppressed.append(region)
     kept.sort(key=lambda r: r.peak, reverse=True)
-    return PostProcessResult(mask=mask, kept=kept, suppressed=suppressed, settings=settings)
+    return PostProcessResult(mask, kept, suppressed, settings, smoothed_map)
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,4 @@ def settle(result: PostProcessResult, verdict: Verdict) -> PostProcessResult:
         return result
     dropped = [replace(region, reason="image_not_anomalous") for region in result.kept]
     suppressed = sorted([*result.suppressed, *dropped], key=lambda r: r.peak, reverse=True)
-    return PostProcessResult(
-        mask=np.zeros_like(result.mask), kept=[], suppressed=suppressed, settings=result.settings
-    )
+    return replace(result, mask=np.zeros_like(result.mask), kept=[], suppressed=suppressed)

@@ -18,9 +18,15 @@ model never fitted on.
   and little else, so they are chosen by region F1 (``training.decisions``: defect regions found,
   kept regions on a defect) over the validation images, through the serving path (calibrate,
   post-process, decide) at the fitted image threshold. Candidates: the pixel-F1 threshold and
-  high quantiles of defect-free pixel scores, Gaussian smoothing sigma 0, 1 or 2 px and a minimum
-  area of 1, 5, 10 or 20 px (AITEX defects are 9-54 px). Without defect masks: the
-  ``pixel_percentile`` percentile of defect-free pixels and the configured suppression.
+  high quantiles of defect-free pixel scores and a minimum area of 1, 5, 10 or 20 px (AITEX
+  defects are 9-54 px). Without defect masks: the ``pixel_percentile`` percentile of
+  defect-free pixels and the configured suppression.
+- Smoothing: the map the regions are cut from is also the map an operator is shown and
+  evaluation judges, so its Gaussian sigma (0, 1, 2 or 4 px) is chosen, with ``smoothing_by``
+  ``pixel_ap`` (the default), by the pixel average precision of that map over the validation
+  images with known pixels (defect-free ones and defective ones with a mask; ties go to the
+  smaller sigma), before the threshold and area are fitted at it; with ``region_f1`` it is one
+  more dimension of the region-F1 grid.
 - Normalisation: min and max of the observed raw scores (see ``models.calibration``).
 """
 
@@ -37,12 +43,13 @@ from sklearn.metrics import precision_recall_curve
 
 from models.calibration import Calibration
 from models.pipeline import Analysis, Detector
-from models.postprocess import SuppressionSettings
+from models.postprocess import SuppressionSettings, smooth
 from training.config import CalibrationConfig
 from training.decisions import StripOutcome, count_regions, region_precision
+from training.metrics import pixel_ap
 
 PIXEL_QUANTILES = (99.9, 99.95, 99.99, 99.995, 99.999)
-SMOOTHING_SIGMAS = (0.0, 1.0, 2.0)
+SMOOTHING_SIGMAS = (0.0, 1.0, 2.0, 4.0)
 MIN_AREAS = (1, 5, 10, 20)
 THRESHOLD_RESAMPLES = 1000
 
@@ -275,12 +282,14 @@ def fit_regions(
     calibration: Calibration,
     samples: CalibrationSamples,
     base: SuppressionSettings,
+    sigmas: Sequence[float] = SMOOTHING_SIGMAS,
 ) -> tuple[Calibration, SuppressionSettings, dict[str, Any]]:
-    """The pixel threshold, smoothing and minimum area with the best region F1 (see the module).
+    """The pixel threshold, smoothing (of ``sigmas``) and minimum area with the best region F1
+    (see the module).
 
     Returns the inputs unchanged, with the reason, when no validation image has a defect mask.
     """
-    if not any(label == 1 and mask is not None and mask.any() for label, _, mask in analysed):
+    if not has_defect_masks(analysed):
         return calibration, base, {"fitted": False, "reason": "no defect mask in validation"}
     clean_pixels = [
         scores[~truth]
@@ -302,7 +311,7 @@ def fit_regions(
     )
     best: tuple[tuple[float, float, float], RegionCandidate, dict[str, float]] | None = None
     for (source, threshold), sigma, area in itertools.product(
-        thresholds.items(), SMOOTHING_SIGMAS, MIN_AREAS
+        thresholds.items(), sigmas, MIN_AREAS
     ):
         candidate = RegionCandidate(threshold, source, sigma, area)
         trial, settings = candidate.apply(calibration, base)
@@ -329,11 +338,31 @@ def fit_regions(
         "pixel_threshold_from": chosen.source,
         "smoothing_sigma": chosen.smoothing_sigma,
         "min_region_area": chosen.min_region_area,
-        "candidates": len(thresholds) * len(SMOOTHING_SIGMAS) * len(MIN_AREAS),
+        "candidates": len(thresholds) * len(sigmas) * len(MIN_AREAS),
         "validation_images": len(analysed),
         **figures,
     }
     return fitted, settings, evidence
+
+
+def has_defect_masks(analysed: Sequence[LabelledAnalysis]) -> bool:
+    return any(label == 1 and mask is not None and mask.any() for label, _, mask in analysed)
+
+
+def smoothing_pixel_ap(
+    analysed: Sequence[LabelledAnalysis], sigmas: Sequence[float]
+) -> dict[float, float]:
+    """Pixel AP of the map smoothed with each sigma (as ``Detector.finish`` smooths it) over the
+    images whose pixels are known: defect-free ones, and defective ones with a mask."""
+    known = [(label, a, m) for label, a, m in analysed if label == 0 or m is not None]
+    masks = [np.zeros(a.valid.shape, bool) if m is None else m > 0 for _, a, m in known]
+    valids = [a.valid for _, a, _ in known]
+    return {
+        float(sigma): float(
+            pixel_ap(masks, [smooth(a.anomaly_map, sigma) for _, a, _ in known], valids)
+        )
+        for sigma in sigmas
+    }
 
 
 def fit_operating_point(
@@ -346,13 +375,24 @@ def fit_operating_point(
     """The whole calibration of labelled, analysed images, as training does it: the image
     threshold by the configured rule, the pixel threshold, and (with ``fit_regions`` and defect
     masks) the region settings by region F1; the evidence is in the calibration."""
+    sigmas: Sequence[float] = SMOOTHING_SIGMAS
+    smoothing: dict[str, Any] = {"smoothing_by": config.smoothing_by}
+    by_pixel_ap = config.fit_regions and config.smoothing_by == "pixel_ap"
+    if by_pixel_ap and has_defect_masks(analysed):
+        by_sigma = smoothing_pixel_ap(analysed, SMOOTHING_SIGMAS)
+        sigmas = (max(by_sigma, key=lambda sigma: (by_sigma[sigma], -sigma)),)
+        smoothing["pixel_ap_by_sigma"] = {f"{k:g}": round(v, 4) for k, v in by_sigma.items()}
+    # The pixel threshold and range are fitted on the map as served: smoothed with the sigma
+    # chosen by pixel AP (with the grid of region_f1, on the map as the network gives it).
+    presmooth = sigmas[0] if len(sigmas) == 1 else 0.0
     samples = CalibrationSamples(rate=config.negative_pixel_rate, seed=seed)
     for label, analysis, mask in analysed:
-        samples.add(analysis.score, label, analysis.anomaly_map, analysis.valid, mask)
+        pixels = smooth(analysis.anomaly_map, presmooth)
+        samples.add(analysis.score, label, pixels, analysis.valid, mask)
     calibration = fit_calibration(samples, config, seed)
     if config.fit_regions:
         calibration, suppression, regions = fit_regions(
-            detector, analysed, calibration, samples, suppression
+            detector, analysed, calibration, samples, suppression, sigmas
         )
-        calibration.evidence["regions"] = regions
+        calibration.evidence["regions"] = {**regions, **smoothing}
     return calibration, suppression

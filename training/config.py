@@ -52,6 +52,11 @@ class CalibrationConfig(BaseModel):
     # Choose the pixel threshold, smoothing and minimum region area by region F1 on the
     # validation images when they have defect masks; otherwise keep `suppression` as given.
     fit_regions: bool = True
+    # How the map's smoothing is chosen when regions are fitted: "pixel_ap", the smoothing whose
+    # map has the best pixel average precision over the validation images (the map is what an
+    # operator is shown and evaluation judges), or "region_f1", one more dimension of the
+    # region-F1 grid (the rule before 2026-12-04).
+    smoothing_by: Literal["pixel_ap", "region_f1"] = "pixel_ap"
     # Used only when the validation data has no defect mask (no region evidence to fit on).
     pixel_percentile: float = Field(default=99.99, ge=50.0, le=100.0)
     negative_pixel_rate: float = Field(default=0.05, gt=0.0, le=1.0)

@@ -90,7 +90,7 @@ def run_evaluation(
         )
         accumulator.add_image(
             record,
-            analysis.anomaly_map,
+            prediction.normalized_map,  # the map served: normalised and smoothed
             mask,
             analysis.valid,
             tile_boxes=[box.as_tuple() for box in analysis.boxes],

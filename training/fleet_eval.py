@@ -76,9 +76,12 @@ class StripPixels:
     negative_weights: np.ndarray  # defect-free pixels each stands for (its rank band / kept)
 
 
-def strip_pixels(analysed: Analysed, rng: np.random.Generator) -> StripPixels | None:
-    """The pixel sample of one strip; None when its pixels are not known (a defect without a
-    mask, or with a mask that marks nothing on fabric)."""
+def strip_pixels(
+    analysed: Analysed, rng: np.random.Generator, served: np.ndarray | None = None
+) -> StripPixels | None:
+    """The pixel sample of one strip's ``served`` map (the prediction's normalised, smoothed map,
+    as evaluation judges it; default the analysis's raw map); None when its pixels are not known
+    (a defect without a mask, or with a mask that marks nothing on fabric)."""
     import cv2
 
     sample, analysis, mask = analysed
@@ -88,7 +91,7 @@ def strip_pixels(analysed: Analysed, rng: np.random.Generator) -> StripPixels | 
     defect = (np.asarray(mask) > 0) & valid if mask is not None else np.zeros_like(valid)
     if sample.label == 1 and not defect.any():
         return None
-    scores = np.asarray(analysis.anomaly_map, np.float32)
+    scores = np.asarray(analysis.anomaly_map if served is None else served, np.float32)
     count, components = cv2.connectedComponents(defect.astype(np.uint8), connectivity=8)
     positive_scores, positive_regions = scores[defect], components[defect] - 1
     negative_scores = scores[valid & ~defect]
@@ -253,7 +256,8 @@ def judge_fabric(
 
     def sampled() -> Iterator[Analysed]:
         for item in analyse_samples(detector, samples, progress=progress, desc=f"fabric {fabric}"):
-            pixels.append(strip_pixels(item, rng))
+            served = detector.finish(item[1]).normalized_map  # as run_evaluation judges it
+            pixels.append(strip_pixels(item, rng, served))
             yield item
 
     result = run_evaluation(detector, sampled(), seed=seed)
