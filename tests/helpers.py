@@ -269,3 +269,26 @@ def one_line_error(capsys: pytest.CaptureFixture[str], needle: str) -> None:
     assert err.startswith("loomwatch: error:"), err
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert needle in err, err
+
+
+class PixelsAsMap:
+    """A network whose anomaly map is the tile itself (an image's brightness is its map); its
+    tile score is the map's highest value, or with ``pool`` its highest ``pool`` x ``pool``
+    mean."""
+
+    backend = "fake"
+    device = "cpu"
+    precision = "32"
+
+    def __init__(self, pool: int = 1) -> None:
+        self.pool = pool
+
+    def run(self, tiles: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
+        maps = np.where(valid, tiles, 0.0)[:, 0].astype(np.float32)
+        if self.pool == 1:
+            return maps, maps.reshape(len(maps), -1).max(axis=1)
+        size = (self.pool, self.pool)
+        pooled = [cv2.blur(m, size, borderType=cv2.BORDER_REFLECT).max() for m in maps]
+        return maps, np.array(pooled, np.float32)

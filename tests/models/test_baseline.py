@@ -14,24 +14,13 @@ from models.calibration import Calibration
 from models.manifest import Manifest, PipelineConfig
 from models.pipeline import Detector
 from models.preprocessing import ValidAreaSettings
+from tests.helpers import PixelsAsMap
 
 CAL = Calibration(
     image_threshold=0.5, image_min=0.0, image_max=1.0, pixel_threshold=0.5, pixel_min=0.0,
     pixel_max=1.0,
 )  # fmt: skip
 WIDTH = 256
-
-
-class PixelsAsMap:
-    """A network whose map is the tile itself: an image's brightness is its anomaly map."""
-
-    backend = "fake"
-    device = "cpu"
-    precision = "32"
-
-    def run(self, tiles: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps = np.where(valid, tiles, 0.0)[:, 0].astype(np.float32)
-        return maps, maps.reshape(len(maps), -1).max(axis=1)
 
 
 def _detector(baseline: ColumnBaseline | None = None) -> Detector:

@@ -3,7 +3,6 @@ by pixel average precision on validation images (training.calibrate)."""
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from models.calibration import Calibration
@@ -11,6 +10,7 @@ from models.manifest import Manifest, PipelineConfig
 from models.pipeline import Analysis, Detector
 from models.postprocess import SuppressionSettings, smooth
 from models.preprocessing import ValidAreaSettings
+from tests.helpers import PixelsAsMap
 from training.calibrate import fit_operating_point
 from training.config import CalibrationConfig
 from training.evaluate import run_evaluation
@@ -22,24 +22,11 @@ UNCALIBRATED = Calibration(
 )  # fmt: skip
 
 
-class PixelsAsMap:
-    """A network whose map is the tile itself and whose score is its highest 9 x 9 mean."""
-
-    backend = "fake"
-    device = "cpu"
-    precision = "32"
-
-    def run(self, tiles: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps = np.where(valid, tiles, 0.0)[:, 0].astype(np.float32)
-        pooled = [cv2.blur(m, (9, 9), borderType=cv2.BORDER_REFLECT).max() for m in maps]
-        return maps, np.array(pooled, np.float32)
-
-
 def _detector() -> Detector:
     area = ValidAreaSettings(end_margin=0, learn_field_of_view=False)
     pipeline = PipelineConfig(tile_size=64, stride=64, valid_area=area)
     manifest = Manifest(model_type="fake", config={}, pipeline=pipeline, calibration=UNCALIBRATED)
-    return Detector(PixelsAsMap(), manifest)
+    return Detector(PixelsAsMap(pool=9), manifest)
 
 
 def _strip(seed: int, defect: bool) -> tuple[np.ndarray, np.ndarray | None]:
