@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help="false alarms on defect-free images, in (0, 1) (default: the model's)",
     )
+    calibrate.add_argument(
+        "--smoothing-by",
+        choices=("pixel_ap", "region_f1"),
+        help="with --data and defect masks: how the map's smoothing is chosen (default: the "
+        "model's; pixel_ap for models trained before the setting existed)",
+    )
     calibrate.add_argument("--out", type=Path, help="new model folder (default runs/calibrated-*)")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument(
@@ -821,6 +827,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 f"{args.target_false_alarm:g}"
             )
         overrides["target_false_alarm"] = args.target_false_alarm
+    if args.smoothing_by is not None:
+        overrides["smoothing_by"] = args.smoothing_by
     out = args.out or Path("runs") / time.strftime("calibrated-%Y%m%d-%H%M%S")
     model = resolve_model_uri(args.model_uri)
     if args.data is not None:

@@ -177,6 +177,7 @@ def test_another_operating_point_rule_without_retraining(
     assert refit.method.startswith("image:f1-balanced")
     assert refit.evidence["operating_point"]["rule"] == "f1"
     assert calibration_config(read_manifest(out)).image_rule == "f1"
+    assert calibration_config(read_manifest(out)).smoothing_by == "pixel_ap"  # not asked: kept
     again = tmp_path / "again"
     assert main(["--quiet", "calibrate", "--model-uri", str(out), "--data", str(synth_data),
                  "--out", str(again)]) == 0  # fmt: skip
@@ -253,3 +254,20 @@ def test_registered_with_the_evidence_and_promotable(
     # promotion works as for any version: judged on the validation strips both share
     assert main(["--quiet", "promote", name, "--resamples", "200"]) == 0
     assert "95% CI" in capsys.readouterr().out
+
+
+def test_the_maps_smoothing_rule_is_chosen_and_recorded(
+    bundle: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--smoothing-by region_f1 puts the map's sigma back in the region-F1 grid; recorded."""
+    out = tmp_path / "grid"
+    assert main(["--quiet", "calibrate", "--model-uri", str(bundle), "--data", str(synth_data),
+                 "--smoothing-by", "region_f1", "--out", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    manifest = read_manifest(out)
+    assert calibration_config(manifest).smoothing_by == "region_f1"
+    regions = manifest.calibration.evidence["regions"]
+    assert regions["fitted"], regions  # the synthetic data has defect masks
+    assert regions["smoothing_by"] == "region_f1" and "pixel_ap_by_sigma" not in regions
+    trained = read_manifest(bundle).calibration.evidence["regions"]
+    assert trained["smoothing_by"] == "pixel_ap" and "pixel_ap_by_sigma" in trained
