@@ -16,25 +16,14 @@ after, with the pixel AP of each smoothing where it was chosen by pixel AP.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from bench.fleet_variant import rewrite_fleet
 from models.bundle import read_manifest
+from training.config import ConfigError, parse_override
 from training.recalibrate import Recalibration
-
-
-def parse_setting(text: str) -> tuple[str, Any]:
-    """``key=value`` with a JSON value where it parses as one (numbers, true/false), else text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--set {text}: expected KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def copied_bundle(source: Path, fabric: str, staged: Path) -> Path:
@@ -49,11 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="the data the fleet trained on")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
-        "--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
+        "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a calibration setting, e.g. smoothing_by=region_f1 (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    overrides = dict(args.set)
+    try:
+        overrides = dict(parse_override(text) for text in args.set)
+    except ConfigError as exc:
+        parser.error(str(exc))
 
     def report(fabric: str, result: Recalibration) -> None:
         before = read_manifest(Path(args.fleet) / fabric)

@@ -78,7 +78,7 @@ class Prediction:
     raw_threshold: float
     decision: bool
     verdict: Verdict
-    # normalised (0.5 = pixel threshold) and smoothed as the regions were cut from it: the map
+    # smoothed and normalised (0.5 = pixel threshold): the map the regions were cut from, which
     # an operator is shown and evaluation judges (pixel AUROC, AUPRO, pixel AP)
     normalized_map: np.ndarray
     post: PostProcessResult
@@ -331,7 +331,7 @@ class Detector:
         with _timed(timings, "postprocess"):
             strong = score >= used + settings.veto_margin
             evidence = _score_window(analysis) if strong else None
-            found = postprocess(normalized_map, analysis.valid, settings, evidence, smoothed=True)
+            found = postprocess(normalized_map, analysis.valid, settings, evidence)
             verdict = decide(score, used, found)
             post = settle(found, verdict)
         timings["total"] = sum(timings.values())
@@ -343,7 +343,7 @@ class Detector:
             raw_threshold=calibration.image_threshold_from_normalized(used),
             decision=verdict.anomalous,
             verdict=verdict,
-            normalized_map=post.smoothed,
+            normalized_map=normalized_map,
             post=post,
             timings=timings,
         )

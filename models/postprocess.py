@@ -1,7 +1,9 @@
 """Post-processing with suppression: from a normalised anomaly map to kept defect regions.
 
-Steps: smoothing (Gaussian), binarisation at the pixel threshold (0.5 in normalised units),
-connected components (OpenCV, 8-connectivity), then suppression. A component is suppressed, in
+Steps: smoothing (Gaussian, ``smooth``: ``Detector.finish`` smooths the raw map with
+``smoothing_sigma`` before normalising it, so that the map shown and judged is the one the
+regions come from), binarisation at the pixel threshold (0.5 in normalised units), connected
+components (OpenCV, 8-connectivity), then suppression. A component is suppressed, in
 this order of reasons, when
 
 - ``outside_valid_area``: less than ``min_valid_fraction`` of its pixels lie on fabric;
@@ -86,9 +88,6 @@ class PostProcessResult:
     kept: list[Region]
     suppressed: list[Region]
     settings: SuppressionSettings
-    # the normalised map smoothed with ``settings.smoothing_sigma`` (by the caller when it says
-    # so): the map the regions were cut from at 0.5, which is the map returned, drawn and judged
-    smoothed: np.ndarray
 
     @property
     def all_suppressed(self) -> bool:
@@ -133,23 +132,17 @@ def postprocess(
     valid: np.ndarray,
     settings: SuppressionSettings,
     evidence: Window | None = None,
-    *,
-    smoothed: bool = False,
 ) -> PostProcessResult:
-    """Find, judge and log the regions of a normalised anomaly map (threshold 0.5).
-
-    With ``smoothed`` the map comes smoothed already (``Detector.finish`` smooths the raw map
-    before normalising it); otherwise it is smoothed here with ``settings.smoothing_sigma``.
+    """Find, judge and log the regions of a normalised anomaly map (threshold 0.5), smoothed
+    already (see the module).
 
     ``evidence`` is the window (y0, x0, y1, x1) the image score came from, given when that
     score alone makes the image anomalous: the region at its highest pixel is the decision's
     own evidence and is not suppressed for its area or peak (only for lying off the fabric).
     """
-    values = normalized_map.astype(np.float32)
-    smoothed_map = values if smoothed else smooth(values, settings.smoothing_sigma)
-    binary = (smoothed_map >= 0.5).astype(np.uint8)
+    binary = (normalized_map >= 0.5).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    evidence_label = _evidence_label(labels, smoothed_map, valid, evidence)
+    evidence_label = _evidence_label(labels, normalized_map, valid, evidence)
     mask = np.zeros(binary.shape, dtype=np.uint8)
     kept: list[Region] = []
     suppressed: list[Region] = []
@@ -158,7 +151,7 @@ def postprocess(
         box_labels = labels[y : y + height, x : x + width] == label
         box_valid = valid[y : y + height, x : x + width] & box_labels
         area = int(box_valid.sum())
-        box_map = smoothed_map[y : y + height, x : x + width]
+        box_map = normalized_map[y : y + height, x : x + width]
         region_pixels = box_map[box_valid if area else box_labels]
         peak, mean = float(region_pixels.max()), float(region_pixels.mean())
         reason = _suppression_reason(area, area / total, peak, settings)
@@ -171,7 +164,7 @@ def postprocess(
         else:
             suppressed.append(region)
     kept.sort(key=lambda r: r.peak, reverse=True)
-    return PostProcessResult(mask, kept, suppressed, settings, smoothed_map)
+    return PostProcessResult(mask=mask, kept=kept, suppressed=suppressed, settings=settings)
 
 
 @dataclass(frozen=True)

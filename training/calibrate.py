@@ -375,19 +375,20 @@ def fit_operating_point(
     """The whole calibration of labelled, analysed images, as training does it: the image
     threshold by the configured rule, the pixel threshold, and (with ``fit_regions`` and defect
     masks) the region settings by region F1; the evidence is in the calibration."""
+    chosen = 0.0  # the sigma chosen by pixel AP; 0: none chosen (region_f1's grid, no masks)
     sigmas: Sequence[float] = SMOOTHING_SIGMAS
     smoothing: dict[str, Any] = {"smoothing_by": config.smoothing_by}
     by_pixel_ap = config.fit_regions and config.smoothing_by == "pixel_ap"
     if by_pixel_ap and has_defect_masks(analysed):
         by_sigma = smoothing_pixel_ap(analysed, SMOOTHING_SIGMAS)
-        sigmas = (max(by_sigma, key=lambda sigma: (by_sigma[sigma], -sigma)),)
+        chosen = max(by_sigma, key=lambda sigma: (by_sigma[sigma], -sigma))
+        sigmas = (chosen,)
         smoothing["pixel_ap_by_sigma"] = {f"{k:g}": round(v, 4) for k, v in by_sigma.items()}
     # The pixel threshold and range are fitted on the map as served: smoothed with the sigma
     # chosen by pixel AP (with the grid of region_f1, on the map as the network gives it).
-    presmooth = sigmas[0] if len(sigmas) == 1 else 0.0
     samples = CalibrationSamples(rate=config.negative_pixel_rate, seed=seed)
     for label, analysis, mask in analysed:
-        pixels = smooth(analysis.anomaly_map, presmooth)
+        pixels = smooth(analysis.anomaly_map, chosen)
         samples.add(analysis.score, label, pixels, analysis.valid, mask)
     calibration = fit_calibration(samples, config, seed)
     if config.fit_regions:

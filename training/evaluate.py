@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,15 +69,22 @@ def analyse_samples(
 
 
 def run_evaluation(
-    detector: Detector, analysed: Iterable[Analysed], *, seed: int = 0
+    detector: Detector,
+    analysed: Iterable[Analysed],
+    *,
+    seed: int = 0,
+    observe: Callable[[Analysed, Prediction], None] | None = None,
 ) -> EvaluationResult:
-    """Calibrate and post-process each analysis as served; feed the metric accumulator."""
+    """Calibrate and post-process each analysis as served; feed the metric accumulator.
+    ``observe`` is shown each analysis with its prediction (the fleet's pixel samples)."""
     accumulator = EvaluationAccumulator(seed=seed)
     outcomes: list[StripOutcome] = []
     misses: list[_Miss] = []
     tiles: list[tuple[str, np.ndarray, np.ndarray]] = []
     for sample, analysis, mask in analysed:
         prediction = detector.finish(analysis)
+        if observe is not None:
+            observe((sample, analysis, mask), prediction)
         _keep_sample_tile(tiles, sample, analysis)
         record = ImageRecord(
             name=sample.name,

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from models.pipeline import Detector
+from models.pipeline import Detector, Prediction
 from tracking.fleet import Fleet
 from tracking.uris import resolve_model_uri
 from training.data import DatasetError, Sample, fingerprint, load_dataset, split_dataset
@@ -77,11 +77,11 @@ class StripPixels:
 
 
 def strip_pixels(
-    analysed: Analysed, rng: np.random.Generator, served: np.ndarray | None = None
+    analysed: Analysed, served: np.ndarray, rng: np.random.Generator
 ) -> StripPixels | None:
-    """The pixel sample of one strip's ``served`` map (the prediction's normalised, smoothed map,
-    as evaluation judges it; default the analysis's raw map); None when its pixels are not known
-    (a defect without a mask, or with a mask that marks nothing on fabric)."""
+    """The pixel sample of one strip's ``served`` map (its prediction's smoothed, normalised
+    map, as evaluation judges it); None when its pixels are not known (a defect without a mask,
+    or with a mask that marks nothing on fabric)."""
     import cv2
 
     sample, analysis, mask = analysed
@@ -91,7 +91,7 @@ def strip_pixels(
     defect = (np.asarray(mask) > 0) & valid if mask is not None else np.zeros_like(valid)
     if sample.label == 1 and not defect.any():
         return None
-    scores = np.asarray(analysis.anomaly_map if served is None else served, np.float32)
+    scores = np.asarray(served, np.float32)
     count, components = cv2.connectedComponents(defect.astype(np.uint8), connectivity=8)
     positive_scores, positive_regions = scores[defect], components[defect] - 1
     negative_scores = scores[valid & ~defect]
@@ -254,13 +254,11 @@ def judge_fabric(
     rng = np.random.default_rng(seed)
     pixels: list[StripPixels | None] = []
 
-    def sampled() -> Iterator[Analysed]:
-        for item in analyse_samples(detector, samples, progress=progress, desc=f"fabric {fabric}"):
-            served = detector.finish(item[1]).normalized_map  # as run_evaluation judges it
-            pixels.append(strip_pixels(item, rng, served))
-            yield item
+    def sample_pixels(item: Analysed, prediction: Prediction) -> None:
+        pixels.append(strip_pixels(item, prediction.normalized_map, rng))
 
-    result = run_evaluation(detector, sampled(), seed=seed)
+    analysed = analyse_samples(detector, samples, progress=progress, desc=f"fabric {fabric}")
+    result = run_evaluation(detector, analysed, seed=seed, observe=sample_pixels)
     normalise = detector.calibration.normalize_image
     outcomes = [
         dataclasses.replace(o, name=f"{fabric}/{o.name}", score=normalise(o.score))

@@ -251,7 +251,7 @@ def test_pixel_sample_keeps_the_tail_of_defect_free_scores_and_their_totals() ->
     from training.fleet_eval import STRIP_PIXELS, strip_pixels
 
     analysed, scores, defect = tailed_strip(0)
-    strip = strip_pixels(analysed, np.random.default_rng(0))
+    strip = strip_pixels(analysed, analysed[1].anomaly_map, np.random.default_rng(0))
     assert strip is not None
     negatives = np.sort(scores[~defect])[::-1]
     assert strip.negative_weights.sum() == pytest.approx(negatives.size)
@@ -272,7 +272,7 @@ def test_pixel_figures_on_the_strip_sample_match_the_exact_figures(seed: int) ->
 
     analysed, scores, defect = tailed_strip(seed)
     exact_ap = average_precision_score(defect, scores)
-    strip = strip_pixels(analysed, np.random.default_rng(seed))
+    strip = strip_pixels(analysed, analysed[1].anomaly_map, np.random.default_rng(seed))
     assert strip is not None
     figures = pixel_figures([strip])
     assert abs(figures["pixel_ap"] - exact_ap) < 0.01, (figures["pixel_ap"], exact_ap)

@@ -4,6 +4,7 @@ by pixel average precision on validation images (training.calibrate)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from models.calibration import Calibration
 from models.manifest import Manifest, PipelineConfig
@@ -22,10 +23,10 @@ UNCALIBRATED = Calibration(
 )  # fmt: skip
 
 
-def _detector() -> Detector:
+def _detector(calibration: Calibration = UNCALIBRATED) -> Detector:
     area = ValidAreaSettings(end_margin=0, learn_field_of_view=False)
     pipeline = PipelineConfig(tile_size=64, stride=64, valid_area=area)
-    manifest = Manifest(model_type="fake", config={}, pipeline=pipeline, calibration=UNCALIBRATED)
+    manifest = Manifest(model_type="fake", config={}, pipeline=pipeline, calibration=calibration)
     return Detector(PixelsAsMap(pool=9), manifest)
 
 
@@ -74,22 +75,44 @@ def test_speckled_maps_are_smoothed_because_smoothing_raises_pixel_ap() -> None:
 def test_the_served_map_is_the_smoothed_map_the_regions_come_from_and_evaluation_judges_it() -> (
     None
 ):
-    detector = _detector()
+    # thresholds the patches pass (raw grey 130/255 on speckle of 100/255) and the speckle not
+    passing = {"image_threshold": 0.45, "pixel_threshold": 0.45}
+    detector = _detector(UNCALIBRATED.model_copy(update=passing))
     detector.suppression = SuppressionSettings(smoothing_sigma=3.0, min_region_area=1)
     analysed = _analysed(detector, range(8))
     predictions = [detector.finish(analysis) for _, analysis, _ in analysed]
     for (_, analysis, _), prediction in zip(analysed, predictions, strict=True):
         expected = detector.calibration.normalize_pixels(smooth(analysis.anomaly_map, 3.0))
         np.testing.assert_allclose(prediction.normalized_map, expected, atol=1e-6)
-        np.testing.assert_array_equal(prediction.post.smoothed, prediction.normalized_map)
+        # the regions are cut from that map: every kept pixel reaches 0.5 on it, and the peak
+        # each region reports is that map's highest value inside it
+        kept = prediction.post.mask > 0
+        assert (prediction.normalized_map[kept] >= 0.5).all()
+        for region in prediction.post.kept:
+            box = (
+                slice(region.y, region.y + region.height),
+                slice(region.x, region.x + region.width),
+            )
+            inside = kept[box]
+            assert region.peak == pytest.approx(
+                prediction.normalized_map[box][inside].max(), abs=1e-4
+            )
+
+    assert sum(len(p.post.kept) for p in predictions) >= 2  # the checks above saw regions
 
     samples = [
         type("S", (), {"name": f"s{i}", "label": label, "defect": None})()
         for i, (label, _, _) in enumerate(analysed)
     ]
+    observed: list[np.ndarray] = []  # what the fleet evaluation samples its pixels from
     result = run_evaluation(
-        detector, [(s, a, m) for s, (_, a, m) in zip(samples, analysed, strict=True)]
+        detector,
+        [(s, a, m) for s, (_, a, m) in zip(samples, analysed, strict=True)],
+        observe=lambda _, prediction: observed.append(prediction.normalized_map),
     )
+    assert len(observed) == len(predictions)
+    for seen, prediction in zip(observed, predictions, strict=True):
+        np.testing.assert_array_equal(seen, prediction.normalized_map)
     masks = [np.zeros(a.valid.shape, bool) if m is None else m for _, a, m in analysed]
     valids = [a.valid for _, a, _ in analysed]
     served = pixel_ap(masks, [p.normalized_map for p in predictions], valids)
