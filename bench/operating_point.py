@@ -2,23 +2,31 @@
 
     python -m bench.operating_point --fleet runs/fleet-a --data runs/hall/fit \
         --test runs/hall/test --json runs/operating-point.json
+    python -m bench.operating_point --scores runs/operating-point.json [--held-back 3]
 
 For every fabric of ``--fleet`` it analyses the validation split of ``--data`` (the data the
 fleet trained on: the same held-back defect-free strips its calibration used) and every strip of
 ``--test``, once. Each rule and target then sets a raw image threshold from the validation
-strips (``false_alarm``: the held-back defect-free ones; ``f1``: all of them, balanced), with
-the code recalibration uses (``training.recalibrate.image_threshold``), and the held-out strips are
-decided through ``Detector.finish`` (the serving path, veto included) at that threshold, with
-the bundle's pixel threshold and suppression kept. Printed: per fabric and pooled, defective
-strips flagged and defect-free strips flagged, with each threshold and its 95 % interval. The
-JSON also keeps every validation strip's score and fabric tile scores and every held-out
-strip's score, to try other rules without scoring again (how the tile-score rules of
-docs/fleets.md, "Where the operating point comes from", were judged).
+strips (``conformal`` and ``gaussian``: the false-alarm rule with that bound, from the
+held-back defect-free ones; ``f1``: all of them, balanced), with the code calibration uses
+(``training.calibrate.image_threshold``), and the held-out strips are decided through
+``Detector.finish`` (the serving path, veto included) at that threshold, with the bundle's pixel
+threshold and suppression kept. Printed: per fabric and pooled, defective strips flagged and
+defect-free strips flagged, with each threshold and its 95 % interval. The JSON also keeps
+every strip's score and fabric tile scores, to try other rules without scoring again.
+
+One split of 3 held-back and 5 new defect-free strips a fabric is one draw: which strips happen
+to be held back moves a fabric's false alarms by several strips. ``--scores`` reads such a JSON
+and, per fabric, pools its defect-free strips (validation and test), holds back every possible
+``--held-back`` of them in turn, sets each rule's threshold from those and judges the rest and
+the test's defective strips (raw score at or above the threshold; no veto): the false-alarm and
+detection rates each rule gives on average over the draws, what a new split would give.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -27,27 +35,91 @@ import numpy as np
 
 from models.pipeline import Analysis, Detector
 from tracking.fleet import resolve_fleet
+from training.calibrate import image_threshold
 from training.config import CalibrationConfig
 from training.data import load_dataset, split_dataset
 from training.evaluate import analyse_samples
-from training.recalibrate import image_threshold
 
-Rule = Literal["false_alarm", "f1"]
-RULES: tuple[Rule, ...] = ("false_alarm", "f1")
+Rule = Literal["conformal", "gaussian", "f1"]
+RULES: tuple[Rule, ...] = ("conformal", "gaussian", "f1")
+
+
+def rule_config(rule: Rule, target: float) -> CalibrationConfig:
+    if rule == "f1":
+        return CalibrationConfig(image_rule="f1", target_false_alarm=target)
+    return CalibrationConfig(target_false_alarm=target, false_alarm_bound=rule)
+
+
+def threshold_of(
+    rule: Rule, scores: np.ndarray, labels: np.ndarray, target: float
+) -> tuple[float, dict[str, Any]]:
+    """The raw image threshold a rule sets from labelled image scores, as calibration sets it
+    (``training.calibrate.image_threshold``)."""
+    if rule == "f1" and (labels == 1).sum() == 0:
+        rule = "conformal"  # f1 needs both classes (AITEX fabric 05 has no defective strip)
+    config = rule_config(rule, target)
+    threshold, evidence, _ = image_threshold(scores, labels, config, seed=0, where="validation")
+    return threshold, evidence
 
 
 def threshold_for(
     rule: Rule, validation: list[tuple[int, Analysis]], target: float
 ) -> tuple[float, dict[str, Any]]:
-    """The raw image threshold a rule sets from the validation analyses (label, analysis), as
-    recalibration sets it from image scores (``training.recalibrate.image_threshold``)."""
+    """The raw image threshold a rule sets from the validation analyses (label, analysis)."""
     labels = np.asarray([label for label, _ in validation])
     scores = np.asarray([analysis.score for _, analysis in validation])
-    if rule == "f1" and (labels == 1).sum() == 0:
-        rule = "false_alarm"  # f1 needs both classes (AITEX fabric 05 has no defective strip)
-    config = CalibrationConfig(image_rule=rule, target_false_alarm=target)
-    threshold, evidence, _ = image_threshold(scores, labels, config, seed=0, where="validation")
-    return threshold, evidence
+    return threshold_of(rule, scores, labels, target)
+
+
+def resample(
+    scores: dict[str, Any], held_back: int | None, targets: list[float]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per rule and target, per fabric and pooled: the false-alarm and detection rates averaged
+    over every choice of ``held_back`` of a fabric's defect-free strips to set the threshold."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for rule in ("conformal", "gaussian"):
+        for target in targets:
+            key, rows = f"{rule}@{target:g}", {}
+            for fabric, strips in scores.items():
+                clean = [s["score"] for s in strips["validation"] + strips["test"]
+                         if s["label"] == 0]  # fmt: skip
+                defective = np.asarray([s["score"] for s in strips["test"] if s["label"] == 1])
+                n = held_back or sum(s["label"] == 0 for s in strips["validation"])
+                if len(clean) <= n:
+                    continue
+                alarms, found, draws = 0.0, 0.0, 0
+                for chosen in itertools.combinations(range(len(clean)), n):
+                    kept = np.asarray([clean[i] for i in chosen])
+                    rest = np.asarray([v for i, v in enumerate(clean) if i not in chosen])
+                    threshold, _ = threshold_of(rule, kept, np.zeros(n, int), target)
+                    alarms += float((rest >= threshold).mean())
+                    found += float((defective >= threshold).sum())
+                    draws += 1
+                rows[fabric] = {
+                    "held_back": n,
+                    "draws": draws,
+                    "false_alarm_rate": alarms / draws,
+                    "defective": int(defective.size),
+                    "detected": found / draws,
+                }
+            judged = list(rows.values())
+            rows["pooled"] = {  # every fabric's defect-free strips weigh the same
+                "false_alarm_rate": float(np.mean([r["false_alarm_rate"] for r in judged])),
+                "defective": sum(r["defective"] for r in judged),
+                "detected": sum(r["detected"] for r in judged),
+            }
+            results[key] = rows
+    return results
+
+
+def print_resampled(results: dict[str, dict[str, dict[str, float]]]) -> None:
+    for key, rows in results.items():
+        for fabric, row in rows.items():
+            rate = row["detected"] / row["defective"] if row["defective"] else float("nan")
+            print(
+                f"{key:16s} {fabric:6s} false alarms {row['false_alarm_rate']:.3f} "
+                f"detection {rate:.3f} ({row['detected']:.2f}/{row['defective']})"
+            )
 
 
 def _fabric_tiles(analysis: Analysis) -> list[float]:
@@ -91,13 +163,23 @@ def judge_fabric(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fleet", required=True)
-    parser.add_argument("--data", type=Path, required=True, help="the data the fleet trained on")
-    parser.add_argument("--test", type=Path, required=True, help="held-out strips, same layout")
+    parser.add_argument("--fleet")
+    parser.add_argument("--data", type=Path, help="the data the fleet trained on")
+    parser.add_argument("--test", type=Path, help="held-out strips, same layout")
     parser.add_argument("--target", type=float, action="append", help="default 0.05 and 0.1")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--scores", type=Path, help="a JSON of this bench: resample its strips")
+    parser.add_argument("--held-back", type=int, help="with --scores (default: as validation)")
     args = parser.parse_args(argv)
     targets = args.target or [0.05, 0.1]
+    if args.scores is not None:
+        resampled = resample(json.loads(args.scores.read_text())["scores"], args.held_back, targets)
+        print_resampled(resampled)
+        if args.json:
+            args.json.write_text(json.dumps(resampled, indent=2) + "\n")
+        return
+    if not (args.fleet and args.data and args.test):
+        parser.error("--fleet, --data and --test are needed (or --scores)")
     fleet = resolve_fleet(args.fleet)
     report: dict[str, Any] = {"fleet": args.fleet, "fabrics": {}}
     for fabric in fleet.fabrics:
@@ -121,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
                 {"label": label, "score": a.score, "tiles": _fabric_tiles(a)}
                 for label, a in validation
             ],
-            "test": [{"label": label, "name": name, "score": a.score} for label, name, a in test],
+            "test": [
+                {"label": label, "name": name, "score": a.score, "tiles": _fabric_tiles(a)}
+                for label, name, a in test
+            ],
         }  # fmt: skip
         for key, row in results.items():
             interval = row["threshold_ci95"]

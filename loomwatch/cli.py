@@ -259,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="false alarms on defect-free images, in (0, 1) (default: the model's)",
     )
     calibrate.add_argument(
+        "--false-alarm-bound",
+        choices=("auto", "conformal", "gaussian"),
+        help="how the false_alarm rule sets the threshold from the held-back defect-free "
+        "images (default: the model's; auto for models trained before the setting existed)",
+    )
+    calibrate.add_argument(
         "--smoothing-by",
         choices=("pixel_ap", "region_f1"),
         help="with --data and defect masks: how the map's smoothing is chosen (default: the "
@@ -829,6 +835,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         overrides["target_false_alarm"] = args.target_false_alarm
     if args.smoothing_by is not None:
         overrides["smoothing_by"] = args.smoothing_by
+    if args.false_alarm_bound is not None:
+        overrides["false_alarm_bound"] = args.false_alarm_bound
     out = args.out or Path("runs") / time.strftime("calibrated-%Y%m%d-%H%M%S")
     model = resolve_model_uri(args.model_uri)
     if args.data is not None:

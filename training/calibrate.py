@@ -5,13 +5,23 @@ model never fitted on.
 
 - Image threshold, rule ``false_alarm`` (the default): the defect-free validation images are held
   back from fitting and from best-state selection (``training.train`` selects on defective images
-  only), so their scores are what a new defect-free strip scores. With ``n`` of them sorted, the
-  threshold sits just above the ``k``-th, ``k = ceil((n + 1)(1 - target))``: for exchangeable
-  scores a new defect-free image then exceeds it with probability at most ``(n + 1 - k)/(n + 1)``
-  (the split-conformal bound). A target needs ``n >= 1/target - 1`` held-back images (19 for
-  5 %); with fewer, ``k = n`` (just above the highest) and the bound, ``1/(n + 1)``, is reported
-  as what the data can promise instead. A bootstrap over the held-back images gives the
-  threshold's 95 % interval.
+  only), so their scores are what a new defect-free strip scores. Two bounds turn ``n`` of them
+  into a threshold for ``target`` false alarms (``false_alarm_bound``):
+
+  - ``conformal``: with the scores sorted, just above the ``k``-th, ``k = ceil((n + 1)(1 -
+    target))``; for exchangeable scores a new defect-free image exceeds it with probability at
+    most ``(n + 1 - k)/(n + 1)`` (the split-conformal bound), whatever their law. It reaches a
+    target only with ``n >= 1/target - 1`` images (19 for 5 %, 9 for 10 %); with fewer it sits
+    just above the highest and promises ``1/(n + 1)``: 25 % from the 3 strips a fabric of AITEX
+    holds back.
+  - ``gaussian``: the one-sided prediction bound of a normal law fitted to them, ``mean + t(1 -
+    target; n - 1) * sd * sqrt(1 + 1/n)`` (Student's t, so the uncertainty of a mean and a spread
+    from ``n`` images is in it): a new defect-free image exceeds it with probability ``target``
+    when the scores are normal, from 2 images on. Judged on held-out AITEX strips (docs/fleets.md,
+    "Where the operating point comes from") the false alarms it gave matched the target.
+  - ``auto`` (the default): conformal where the images reach the target, gaussian where not.
+
+  A bootstrap over the held-back images gives the threshold's 95 % interval.
 - Image threshold, rule ``f1``: F1-optimal over validation images with the two classes weighted
   equally (the split holds every defective image but only some defect-free ones).
 - Pixel threshold and region settings: the regions an operator is shown must find the defects
@@ -39,12 +49,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import stats
 from sklearn.metrics import precision_recall_curve
 
 from models.calibration import Calibration
 from models.pipeline import Analysis, Detector
 from models.postprocess import SuppressionSettings, smooth
-from training.config import CalibrationConfig
+from training.config import CalibrationConfig, FalseAlarmBound
 from training.decisions import StripOutcome, count_regions, region_precision
 from training.metrics import pixel_ap
 
@@ -118,10 +129,11 @@ def _just_above(value: float) -> float:
     return float(np.nextafter(value, math.inf))
 
 
-def false_alarm_threshold(
+def conformal_threshold(
     clean: np.ndarray, target: float, seed: int
 ) -> tuple[float, dict[str, Any]]:
-    """The raw threshold for ``target`` false alarms on new defect-free images, and its evidence."""
+    """Just above the ``ceil((n + 1)(1 - target))``-th of ``n`` defect-free scores, and its
+    evidence (the distribution-free bound)."""
     ordered = np.sort(np.asarray(clean, dtype=np.float64))
     n = ordered.size
     wanted = math.ceil((n + 1) * (1.0 - target))
@@ -130,13 +142,13 @@ def false_alarm_threshold(
     rng = np.random.default_rng(seed)
     resampled = np.sort(rng.choice(ordered, size=(THRESHOLD_RESAMPLES, n), replace=True), axis=1)
     low, high = np.quantile(resampled[:, rank - 1], [0.025, 0.975])
-    bound = (n + 1 - rank) / (n + 1)
     evidence = {
         "rule": "false_alarm",
+        "bound": "conformal",
         "target_false_alarm": target,
         "held_back_defect_free": n,
         "rank": rank,
-        "false_alarm_bound": bound,
+        "false_alarm_bound": (n + 1 - rank) / (n + 1),
         "target_reachable": wanted <= n,
         "images_needed_for_target": required_clean_images(target),
         "threshold_ci95": [float(low), float(high)],
@@ -145,15 +157,79 @@ def false_alarm_threshold(
     return threshold, evidence
 
 
+def gaussian_factor(n: int, target: float) -> float:
+    """How many standard deviations above the mean of ``n`` normal scores a new one stays below
+    with probability ``1 - target`` (the one-sided prediction bound, Student's t)."""
+    return float(stats.t.ppf(1.0 - target, n - 1) * math.sqrt(1.0 + 1.0 / n))
+
+
+def _gaussian_bound(scores: np.ndarray, factor: float) -> np.ndarray:
+    """The bound for each row of ``scores`` (its mean plus ``factor`` sample deviations)."""
+    return np.asarray(scores.mean(axis=-1) + factor * scores.std(axis=-1, ddof=1))
+
+
+def gaussian_threshold(clean: np.ndarray, target: float, seed: int) -> tuple[float, dict[str, Any]]:
+    """The normal prediction bound of ``n >= 2`` defect-free scores for ``target``, and its
+    evidence."""
+    values = np.asarray(clean, dtype=np.float64)
+    n = values.size
+    if n < 2:
+        raise CalibrationError(
+            f"the gaussian false-alarm bound needs at least 2 defect-free images held back, "
+            f"there is {n}"
+        )
+    factor = gaussian_factor(n, target)
+    threshold = float(_gaussian_bound(values, factor))
+    rng = np.random.default_rng(seed)
+    resampled = rng.choice(values, size=(THRESHOLD_RESAMPLES, n), replace=True)
+    low, high = np.quantile(_gaussian_bound(resampled, factor), [0.025, 0.975])
+    evidence = {
+        "rule": "false_alarm",
+        "bound": "gaussian",
+        "target_false_alarm": target,
+        "held_back_defect_free": n,
+        "mean": float(values.mean()),
+        "sd": float(values.std(ddof=1)),
+        "sd_factor": factor,
+        # what the threshold promises if the defect-free scores are normal
+        "false_alarm_bound": target,
+        # what the highest held-back image alone would promise, whatever their law
+        "conformal_bound": 1.0 / (n + 1),
+        "images_needed_for_target": required_clean_images(target),
+        "threshold_ci95": [float(low), float(high)],
+        "held_back_false_alarms": int((values >= threshold).sum()),
+    }
+    return threshold, evidence
+
+
+def false_alarm_threshold(
+    clean: np.ndarray, target: float, seed: int, bound: FalseAlarmBound = "auto"
+) -> tuple[float, dict[str, Any]]:
+    """The raw threshold for ``target`` false alarms on new defect-free images, and its evidence:
+    ``bound`` conformal, gaussian, or auto (conformal where the images reach the target)."""
+    n = np.asarray(clean).size
+    if bound == "conformal" or (bound == "auto" and n >= required_clean_images(target)):
+        return conformal_threshold(clean, target, seed)
+    return gaussian_threshold(clean, target, seed)
+
+
 def describe_operating_point(evidence: dict[str, Any]) -> str:
     """One line for the user: what the operating point rests on and how sure it is."""
     if evidence.get("rule") != "false_alarm":
         return f"image threshold by {evidence.get('rule', 'unknown rule')}"
     n, bound = evidence["held_back_defect_free"], evidence["false_alarm_bound"]
     low, high = evidence["threshold_ci95"]
+    target = evidence["target_false_alarm"]
+    if evidence.get("bound") == "gaussian":
+        return (
+            f"operating point from {n} held-back defect-free images, a normal law fitted to "
+            f"them: false alarms on new images {bound:.0%} expected if their scores are normal "
+            f"(target {target:.0%}; the highest of them alone promises "
+            f"<= {evidence['conformal_bound']:.0%}); raw threshold 95% CI [{low:.5g}, {high:.5g}]"
+        )
     text = (
         f"operating point from {n} held-back defect-free images: false alarms on new images "
-        f"<= {bound:.0%} expected (target {evidence['target_false_alarm']:.0%}); raw threshold "
+        f"<= {bound:.0%} expected (target {target:.0%}); raw threshold "
         f"95% CI [{low:.5g}, {high:.5g}]"
     )
     if not evidence["target_reachable"]:
@@ -177,6 +253,29 @@ def reference_scores(clean: np.ndarray) -> dict[str, Any]:
     return {"defect_free_scores": [float(f"{value:.6g}") for value in ordered]}
 
 
+def image_threshold(
+    scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig, seed: int, where: str
+) -> tuple[float, dict[str, Any], str]:
+    """The raw image threshold ``config``'s rule sets from labelled image scores alone, its
+    evidence and the method text (``where`` names the data in an error)."""
+    if config.image_rule == "false_alarm":
+        check_clean_images(int((labels == 0).sum()), config, where)
+        threshold, evidence = false_alarm_threshold(
+            scores[labels == 0], config.target_false_alarm, seed, config.false_alarm_bound
+        )
+        return threshold, evidence, f"image:false-alarm-{config.target_false_alarm:g}"
+    if 0 < labels.sum() < labels.size:
+        # Both classes weigh the same: a validation split is mostly defective images (every
+        # defective image goes there), and plain F1 then rewards flagging everything.
+        counts = np.bincount(labels, minlength=2)
+        balance = np.where(labels == 1, 0.5 / counts[1], 0.5 / counts[0])
+        return f1_optimal_threshold(labels, scores, balance), {"rule": "f1"}, "image:f1-balanced"
+    raise CalibrationError(
+        f"{where}: image_rule f1 needs both defective and defect-free images; there are "
+        f"{int(labels.sum())} defective of {labels.size}"
+    )
+
+
 def fit_calibration(
     samples: CalibrationSamples, config: CalibrationConfig, seed: int = 0
 ) -> Calibration:
@@ -188,25 +287,10 @@ def fit_calibration(
     pixels = np.concatenate(samples.pixel_scores) if samples.pixel_scores else np.zeros(1)
     truth = np.concatenate(samples.pixel_labels) if samples.pixel_labels else np.zeros(1, bool)
     clean = image_scores[image_labels == 0]
-    methods = []
-    evidence: dict[str, Any]
-    if config.image_rule == "false_alarm":
-        check_clean_images(clean.size, config, "calibration")
-        image_threshold, evidence = false_alarm_threshold(clean, config.target_false_alarm, seed)
-        methods.append(f"image:false-alarm-{config.target_false_alarm:g}")
-    elif 0 < image_labels.sum() < image_labels.size:
-        # Both classes weigh the same: a validation split is mostly defective images (every
-        # defective image goes there), and plain F1 then rewards flagging everything.
-        counts = np.bincount(image_labels, minlength=2)
-        balance = np.where(image_labels == 1, 0.5 / counts[1], 0.5 / counts[0])
-        image_threshold = f1_optimal_threshold(image_labels, image_scores, balance)
-        methods.append("image:f1-balanced")
-        evidence = {"rule": "f1"}
-    else:
-        raise CalibrationError(
-            "calibration.image_rule f1 needs defective and defect-free validation images; "
-            "use image_rule false_alarm"
-        )
+    image_threshold_, evidence, method = image_threshold(
+        image_scores, image_labels, config, seed, "calibration"
+    )
+    methods = [method]
     if truth.any() and not truth.all():
         weights = np.where(truth, 1.0, 1.0 / config.negative_pixel_rate)
         pixel_threshold = f1_optimal_threshold(truth, pixels, weights)
@@ -215,9 +299,9 @@ def fit_calibration(
         pixel_threshold = float(np.percentile(pixels[~truth], config.pixel_percentile))
         methods.append(f"pixel:p{config.pixel_percentile:g}")
     return Calibration(
-        image_threshold=image_threshold,
+        image_threshold=image_threshold_,
         image_min=float(image_scores.min()),
-        image_max=float(max(image_scores.max(), image_threshold)),
+        image_max=float(max(image_scores.max(), image_threshold_)),
         pixel_threshold=pixel_threshold,
         pixel_min=float(pixels.min()),
         pixel_max=float(max(pixels.max(), pixel_threshold)),

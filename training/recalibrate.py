@@ -12,15 +12,14 @@ its own that can be evaluated, registered and promoted like any other.
   for these same weights, labelled by what people said (a false alarm is defect-free fabric;
   real and missed defects are defects; a strip decided normal that nobody reported counts as
   defect-free; an alarm nobody reviewed is left out). The image threshold is set by the
-  operating-point rule of the model's own calibration config (the conformal false-alarm bound,
-  ``training.calibrate.false_alarm_threshold``). Feedback carries no defect outlines, so the
-  pixel threshold and the region settings are kept, and the evidence says so.
+  operating-point rule of the model's own calibration config
+  (``training.calibrate.image_threshold``). Feedback carries no defect outlines, so the pixel
+  threshold and the region settings are kept, and the evidence says so.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from collections import Counter
@@ -40,9 +39,9 @@ from models.postprocess import SuppressionSettings
 from training.calibrate import (
     CalibrationError,
     check_clean_images,
-    f1_optimal_threshold,
-    false_alarm_threshold,
+    describe_operating_point,
     fit_operating_point,
+    image_threshold,
     reference_scores,
 )
 from training.config import CalibrationConfig
@@ -109,27 +108,6 @@ def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str
         "defects_caught": int((alarms & defective).sum()),
         "defects": int(defective.sum()),
     }
-
-
-def image_threshold(
-    scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig, seed: int, where: str
-) -> tuple[float, dict[str, Any], str]:
-    """The raw image threshold ``config``'s rule sets from labelled image scores alone, its
-    evidence and the method text (``where`` names the data in an error)."""
-    if config.image_rule == "false_alarm":
-        check_clean_images(int((labels == 0).sum()), config, where)
-        threshold, evidence = false_alarm_threshold(
-            scores[labels == 0], config.target_false_alarm, seed
-        )
-        return threshold, evidence, f"image:false-alarm-{config.target_false_alarm:g}"
-    if 0 < labels.sum() < labels.size:
-        counts = np.bincount(labels, minlength=2)
-        balance = np.where(labels == 1, 0.5 / counts[1], 0.5 / counts[0])
-        return f1_optimal_threshold(labels, scores, balance), {"rule": "f1"}, "image:f1-balanced"
-    raise CalibrationError(
-        f"{where}: image_rule f1 needs both defective and defect-free images; there are "
-        f"{int(labels.sum())} defective of {labels.size}"
-    )
 
 
 def _manifest_with(
@@ -331,7 +309,6 @@ def describe(evidence: dict[str, Any], before: Calibration, after: Calibration) 
             f"{evidence['n_images']} images, {evidence['n_defective']} defective)."
         )
     operating = after.evidence.get("operating_point", {})
-    bound = operating.get("false_alarm_bound")
     lines = [
         origin,
         f"Image threshold (raw) {before.image_threshold:.6g} -> {after.image_threshold:.6g}; "
@@ -339,12 +316,9 @@ def describe(evidence: dict[str, Any], before: Calibration, after: Calibration) 
         f"method {after.method}.",
         f"Before: {_rate_text(evidence['before'])}. After: {_rate_text(evidence['after'])}.",
     ]
-    if bound is not None and math.isfinite(bound):
-        lines.append(
-            f"Expected false alarms on new defect-free strips <= {bound:.0%} (target "
-            f"{operating.get('target_false_alarm', 0):.0%}, "
-            f"{operating.get('held_back_defect_free')} defect-free strips)."
-        )
+    if operating.get("rule") == "false_alarm":
+        text = describe_operating_point(operating)
+        lines.append(f"{text[0].upper()}{text[1:]}.")
     if evidence["source"] == "feedback":
         lines.append("Pixel threshold and region settings kept (feedback has no outlines).")
     return "\n".join(lines)

@@ -3,12 +3,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.operating_point import resample
 from training.calibrate import (
     CalibrationError,
     CalibrationSamples,
     describe_operating_point,
     f1_optimal_threshold,
+    false_alarm_threshold,
     fit_calibration,
+    gaussian_factor,
     required_clean_images,
 )
 from training.config import CalibrationConfig
@@ -58,14 +61,56 @@ def test_false_alarm_rule_uses_the_conformal_rank_of_held_back_clean_images() ->
     assert "<= 5% expected" in describe_operating_point(evidence)
 
 
-def test_false_alarm_rule_says_when_too_few_images_reach_the_target() -> None:
-    calibration = fit_calibration(_samples([1.0, 3.0, 2.0], [0, 0, 0]), CalibrationConfig())
+def test_conformal_bound_says_when_too_few_images_reach_the_target() -> None:
+    config = CalibrationConfig(target_false_alarm=0.05, false_alarm_bound="conformal")
+    calibration = fit_calibration(_samples([1.0, 3.0, 2.0], [0, 0, 0]), config)
     assert 3.0 < calibration.image_threshold < 3.0001  # just above the highest
     evidence = calibration.evidence["operating_point"]
-    assert evidence["target_reachable"] is False and evidence["false_alarm_bound"] == 0.25
-    assert evidence["images_needed_for_target"] == 19
+    assert evidence["bound"] == "conformal" and evidence["target_reachable"] is False
+    assert evidence["false_alarm_bound"] == 0.25 and evidence["images_needed_for_target"] == 19
     assert "needs 19 held-back images" in describe_operating_point(evidence)
     assert calibration.method == "image:false-alarm-0.05,pixel:p99.99"
+
+
+def test_gaussian_bound_is_the_normal_prediction_bound_by_hand() -> None:
+    # 1, 2, 3: mean 2, sd 1; target 10 %: t(0.9; 2) = 1.8856, times sqrt(1 + 1/3) -> 2 + 2.1773.
+    calibration = fit_calibration(_samples([1.0, 3.0, 2.0], [0, 0, 0]), CalibrationConfig())
+    assert calibration.image_threshold == pytest.approx(4.1773, abs=1e-4)
+    evidence = calibration.evidence["operating_point"]  # the default: auto, 3 < 9 images
+    assert evidence["bound"] == "gaussian" and evidence["false_alarm_bound"] == 0.1
+    assert evidence["conformal_bound"] == 0.25 and evidence["held_back_false_alarms"] == 0
+    low, high = evidence["threshold_ci95"]
+    assert low < 4.1773 < high
+    assert "normal law" in describe_operating_point(evidence)
+    assert calibration.method == "image:false-alarm-0.1,pixel:p99.99"
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_gaussian_bound_keeps_its_promise_where_the_highest_image_does_not(n: int) -> None:
+    """Normal defect-free scores: from n held back, a new one passes the gaussian threshold
+    about `target` of the time; just above the highest, 1/(n + 1) of the time."""
+    rng = np.random.default_rng(7)
+    held_back = rng.normal(0.4, 0.03, size=(20000, n))
+    new = rng.normal(0.4, 0.03, size=20000)
+    for target in (0.05, 0.1):
+        factor = gaussian_factor(n, target)
+        bound = held_back.mean(axis=1) + factor * held_back.std(axis=1, ddof=1)
+        assert (new > bound).mean() == pytest.approx(target, abs=0.01)
+        for row, expected in zip(held_back[:3], bound[:3], strict=True):  # the rule itself
+            assert false_alarm_threshold(row, target, 0, "gaussian")[0] == pytest.approx(expected)
+    assert (new > held_back.max(axis=1)).mean() == pytest.approx(1 / (n + 1), abs=0.01)
+    assert gaussian_factor(n, 0.1) > gaussian_factor(n, 0.2) > 0
+
+
+def test_auto_bound_is_conformal_once_the_images_reach_the_target() -> None:
+    clean = np.arange(1.0, 10.0)  # 9 images reach 10 %: k = ceil(10 * 0.9) = 9
+    _, evidence = false_alarm_threshold(clean, 0.1, seed=0)
+    assert evidence["bound"] == "conformal" and evidence["target_reachable"] is True
+    _, evidence = false_alarm_threshold(clean[:8], 0.1, seed=0)
+    assert evidence["bound"] == "gaussian"
+    config = CalibrationConfig(false_alarm_bound="gaussian", min_clean_images=1)
+    with pytest.raises(CalibrationError, match="gaussian false-alarm bound needs at least 2"):
+        fit_calibration(_samples([1.0, 5.0], [0, 1]), config)
 
 
 def test_too_few_held_back_clean_images_is_a_clear_error() -> None:
@@ -85,3 +130,26 @@ def test_recalibration_settings_lay_overrides_over_the_recorded_ones() -> None:
     assert calibration_config(SimpleNamespace(training={})).image_rule == "false_alarm"  # type: ignore[arg-type]
     with pytest.raises(CalibrationError, match=r"^calibration\.target_false_alarm: .*less than 1"):
         calibration_config(manifest, {"target_false_alarm": 2.0})  # type: ignore[arg-type]
+
+
+def test_resampling_the_held_back_strips_gives_each_rules_average() -> None:
+    """bench.operating_point --scores: over every choice of 3 of 8 distinct defect-free scores,
+    just above the highest passes exactly 1/4 of the other 5 on average (the conformal bound is
+    exact for exchangeable scores); the gaussian bound at 10 % passes fewer; a defective strip
+    far above every defect-free one is always found."""
+    rng = np.random.default_rng(3)
+    scores = {
+        fabric: {
+            "validation": [{"label": 0, "score": float(v)} for v in rng.normal(0.4, 0.02, 3)],
+            "test": [{"label": 0, "score": float(v)} for v in rng.normal(0.4, 0.02, 5)]
+            + [{"label": 1, "score": 0.9}, {"label": 1, "score": 0.0}],
+        }
+        for fabric in ("00", "01")
+    }
+    results = resample(scores, None, [0.1])
+    conformal, gaussian = results["conformal@0.1"], results["gaussian@0.1"]
+    assert conformal["00"]["draws"] == 56 and conformal["00"]["held_back"] == 3
+    assert conformal["pooled"]["false_alarm_rate"] == pytest.approx(0.25)
+    assert gaussian["pooled"]["false_alarm_rate"] < 0.25
+    assert conformal["pooled"]["detected"] == gaussian["pooled"]["detected"] == 2.0
+    assert conformal["pooled"]["defective"] == 4

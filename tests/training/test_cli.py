@@ -25,7 +25,7 @@ def test_train_writes_a_calibrated_bundle(bundle: Path) -> None:
     assert manifest["model_type"] == "patchcore"
     assert manifest["config"]["backbone"] == "resnet18"
     calibration = manifest["calibration"]
-    assert calibration["method"].startswith("image:false-alarm-0.05")
+    assert calibration["method"].startswith("image:false-alarm-0.1")
     operating_point = calibration["evidence"]["operating_point"]
     assert operating_point["held_back_defect_free"] >= 3  # held back from fitting
     assert calibration["evidence"]["regions"]["fitted"] is True  # the synthetic defects have masks

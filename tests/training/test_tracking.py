@@ -71,7 +71,7 @@ def test_train_logs_params_metrics_tags_and_artifacts(good: Run, synth_data: Pat
     params = good.data.params
     assert params["model.backbone"] == "resnet18" and params["pipeline.tile_size"] == "64"
     assert params["train.model_type"] == "patchcore" and params["train.seed"] == "0"
-    assert params["calibration.target_false_alarm"] == "0.05"  # defaults are logged too
+    assert params["calibration.target_false_alarm"] == "0.1"  # defaults are logged too
     metrics = good.data.metrics
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and "pixel_auroc" in metrics
     history = client().get_metric_history(good.info.run_id, "fit/epoch_seconds")
