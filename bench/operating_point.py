@@ -8,7 +8,9 @@ For every fabric of ``--fleet`` it analyses the validation split of ``--data`` (
 fleet trained on: the same held-back defect-free strips its calibration used) and every strip of
 ``--test``, once. Each rule and target then sets a raw image threshold from the validation
 strips (``conformal`` and ``gaussian``: the false-alarm rule with that bound, from the
-held-back defect-free ones; ``f1``: all of them, balanced), with the code calibration uses
+held-back defect-free ones alone; ``default``: the default calibration, which also counts the
+defect-free images the model was fitted on when they score no lower; ``f1``: all of them,
+balanced), with the code calibration uses
 (``training.calibrate.image_threshold``), and the held-out strips are decided through
 ``Detector.finish`` (the serving path, veto included) at that threshold, with the bundle's pixel
 threshold and suppression kept. Printed: per fabric and pooled, defective strips flagged and
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,37 +41,53 @@ from tracking.fleet import resolve_fleet
 from training.calibrate import image_threshold
 from training.config import CalibrationConfig
 from training.data import load_dataset, split_dataset
-from training.evaluate import analyse_samples
+from training.evaluate import analyse_samples, fitted_clean_scores
 
-Rule = Literal["conformal", "gaussian", "f1"]
-RULES: tuple[Rule, ...] = ("conformal", "gaussian", "f1")
+Rule = Literal["conformal", "gaussian", "default", "f1"]
+RULES: tuple[Rule, ...] = ("conformal", "gaussian", "default", "f1")
+RESAMPLED: tuple[Rule, ...] = ("conformal", "gaussian", "default")
 
 
 def rule_config(rule: Rule, target: float) -> CalibrationConfig:
+    """``conformal``, ``gaussian``: that bound on the held-back images alone; ``default``: the
+    default calibration (auto bound, fitted-on images joined when they score no lower)."""
     if rule == "f1":
         return CalibrationConfig(image_rule="f1", target_false_alarm=target)
-    return CalibrationConfig(target_false_alarm=target, false_alarm_bound=rule)
+    if rule == "default":
+        return CalibrationConfig(target_false_alarm=target)
+    return CalibrationConfig(
+        target_false_alarm=target, false_alarm_bound=rule, use_training_images=False
+    )
 
 
 def threshold_of(
-    rule: Rule, scores: np.ndarray, labels: np.ndarray, target: float
+    rule: Rule,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    target: float,
+    trained: Sequence[float] = (),
 ) -> tuple[float, dict[str, Any]]:
-    """The raw image threshold a rule sets from labelled image scores, as calibration sets it
-    (``training.calibrate.image_threshold``)."""
+    """The raw image threshold a rule sets from labelled image scores (and the fitted-on
+    defect-free images' scores), as calibration sets it (``training.calibrate.image_threshold``)."""
     if rule == "f1" and (labels == 1).sum() == 0:
         rule = "conformal"  # f1 needs both classes (AITEX fabric 05 has no defective strip)
     config = rule_config(rule, target)
-    threshold, evidence, _ = image_threshold(scores, labels, config, seed=0, where="validation")
+    threshold, evidence, _ = image_threshold(
+        scores, labels, config, seed=0, where="validation", trained=trained
+    )
     return threshold, evidence
 
 
 def threshold_for(
-    rule: Rule, validation: list[tuple[int, Analysis]], target: float
+    rule: Rule,
+    validation: list[tuple[int, Analysis]],
+    target: float,
+    trained: Sequence[float] = (),
 ) -> tuple[float, dict[str, Any]]:
     """The raw image threshold a rule sets from the validation analyses (label, analysis)."""
     labels = np.asarray([label for label, _ in validation])
     scores = np.asarray([analysis.score for _, analysis in validation])
-    return threshold_of(rule, scores, labels, target)
+    return threshold_of(rule, scores, labels, target, trained)
 
 
 def resample(
@@ -77,13 +96,14 @@ def resample(
     """Per rule and target, per fabric and pooled: the false-alarm and detection rates averaged
     over every choice of ``held_back`` of a fabric's defect-free strips to set the threshold."""
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for rule in ("conformal", "gaussian"):
+    for rule in RESAMPLED:
         for target in targets:
             key, rows = f"{rule}@{target:g}", {}
             for fabric, strips in scores.items():
                 clean = [s["score"] for s in strips["validation"] + strips["test"]
                          if s["label"] == 0]  # fmt: skip
                 defective = np.asarray([s["score"] for s in strips["test"] if s["label"] == 1])
+                trained = strips.get("trained", [])
                 n = held_back or sum(s["label"] == 0 for s in strips["validation"])
                 if len(clean) <= n:
                     continue
@@ -91,7 +111,7 @@ def resample(
                 for chosen in itertools.combinations(range(len(clean)), n):
                     kept = np.asarray([clean[i] for i in chosen])
                     rest = np.asarray([v for i, v in enumerate(clean) if i not in chosen])
-                    threshold, _ = threshold_of(rule, kept, np.zeros(n, int), target)
+                    threshold, _ = threshold_of(rule, kept, np.zeros(n, int), target, trained)
                     alarms += float((rest >= threshold).mean())
                     found += float((defective >= threshold).sum())
                     draws += 1
@@ -130,13 +150,13 @@ def _fabric_tiles(analysis: Analysis) -> list[float]:
 
 def judge_fabric(
     detector: Detector, validation: list[tuple[int, Analysis]],
-    test: list[tuple[int, str, Analysis]], targets: list[float],
+    test: list[tuple[int, str, Analysis]], targets: list[float], trained: Sequence[float] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """Thresholds of every rule and target, and the decisions on the held-out strips."""
     results: dict[str, Any] = {}
     for rule in RULES:
         for target in targets if rule != "f1" else targets[:1]:
-            threshold, evidence = threshold_for(rule, validation, target)
+            threshold, evidence = threshold_for(rule, validation, target, trained)
             calibration = detector.calibration.model_copy(
                 update={
                     "image_threshold": threshold,
@@ -195,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         test_samples = load_dataset(args.test, fabric=fabric).samples
         analysed = analyse_samples(detector, test_samples, desc=f"{fabric} test")
         test = [(sample.label, sample.name, analysis) for sample, analysis, _ in analysed]
-        results = judge_fabric(detector, validation, test, targets)
+        trained = fitted_clean_scores(detector, split.train, CalibrationConfig())
+        results = judge_fabric(detector, validation, test, targets, trained)
         report["fabrics"][fabric] = results
         # the raw figures, to try other rules without scoring again
         report.setdefault("scores", {})[fabric] = {
@@ -207,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                 {"label": label, "name": name, "score": a.score, "tiles": _fabric_tiles(a)}
                 for label, name, a in test
             ],
+            "trained": trained,
         }  # fmt: skip
         for key, row in results.items():
             interval = row["threshold_ci95"]

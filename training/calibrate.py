@@ -147,6 +147,7 @@ def conformal_threshold(
         "bound": "conformal",
         "target_false_alarm": target,
         "held_back_defect_free": n,
+        "defect_free_images": n,
         "rank": rank,
         "false_alarm_bound": (n + 1 - rank) / (n + 1),
         "target_reachable": wanted <= n,
@@ -188,6 +189,7 @@ def gaussian_threshold(clean: np.ndarray, target: float, seed: int) -> tuple[flo
         "bound": "gaussian",
         "target_false_alarm": target,
         "held_back_defect_free": n,
+        "defect_free_images": n,
         "mean": float(values.mean()),
         "sd": float(values.std(ddof=1)),
         "sd_factor": factor,
@@ -213,28 +215,45 @@ def false_alarm_threshold(
     return gaussian_threshold(clean, target, seed)
 
 
+def _images_text(evidence: dict[str, Any]) -> str:
+    """What the operating point's defect-free images were: held back, and fitted on."""
+    held = evidence["held_back_defect_free"]
+    extra = evidence.get("training_images")
+    if extra is None:
+        return f"{held} held-back defect-free images"
+    if extra["used"]:
+        return (
+            f"{held + extra['images']} defect-free images ({held} held back, {extra['images']} "
+            f"fitted on, which score no lower: p {extra['p_lower']:.2f})"
+        )
+    return (
+        f"{held} held-back defect-free images (the {extra['images']} fitted on left out: they "
+        f"score lower, p {extra['p_lower']:.3f})"
+    )
+
+
 def describe_operating_point(evidence: dict[str, Any]) -> str:
     """One line for the user: what the operating point rests on and how sure it is."""
     if evidence.get("rule") != "false_alarm":
         return f"image threshold by {evidence.get('rule', 'unknown rule')}"
-    n, bound = evidence["held_back_defect_free"], evidence["false_alarm_bound"]
+    bound = evidence["false_alarm_bound"]
     low, high = evidence["threshold_ci95"]
     target = evidence["target_false_alarm"]
+    images = _images_text(evidence)
     if evidence.get("bound") == "gaussian":
         return (
-            f"operating point from {n} held-back defect-free images, a normal law fitted to "
-            f"them: false alarms on new images {bound:.0%} expected if their scores are normal "
-            f"(target {target:.0%}; the highest of them alone promises "
-            f"<= {evidence['conformal_bound']:.0%}); raw threshold 95% CI [{low:.5g}, {high:.5g}]"
+            f"operating point from {images}, a normal law fitted to them: false alarms on new "
+            f"images {bound:.0%} expected if their scores are normal (target {target:.0%}; the "
+            f"highest of them alone promises <= {evidence['conformal_bound']:.0%}); raw "
+            f"threshold 95% CI [{low:.5g}, {high:.5g}]"
         )
     text = (
-        f"operating point from {n} held-back defect-free images: false alarms on new images "
-        f"<= {bound:.0%} expected (target {target:.0%}); raw threshold "
-        f"95% CI [{low:.5g}, {high:.5g}]"
+        f"operating point from {images}: false alarms on new images <= {bound:.0%} expected "
+        f"(target {target:.0%}); raw threshold 95% CI [{low:.5g}, {high:.5g}]"
     )
     if not evidence["target_reachable"]:
         text += (
-            f"; the target needs {evidence['images_needed_for_target']} held-back images, "
+            f"; the target needs {evidence['images_needed_for_target']} defect-free images, "
             "so the threshold sits just above the highest one"
         )
     return text
@@ -253,16 +272,47 @@ def reference_scores(clean: np.ndarray) -> dict[str, Any]:
     return {"defect_free_scores": [float(f"{value:.6g}") for value in ordered]}
 
 
+def training_evidence(
+    held_back: np.ndarray, trained: np.ndarray, config: CalibrationConfig
+) -> dict[str, Any]:
+    """Whether the scores of defect-free images the model was fitted on may join the held-back
+    ones: not when they look optimistic (lower), by a one-sided Mann-Whitney test."""
+    p_value = float(stats.mannwhitneyu(held_back, trained, alternative="greater").pvalue)
+    return {
+        "images": int(trained.size),
+        "mean": float(trained.mean()),
+        "held_back_mean": float(held_back.mean()),
+        "p_lower": p_value,
+        "used": p_value >= config.optimism_p,
+    }
+
+
 def image_threshold(
-    scores: np.ndarray, labels: np.ndarray, config: CalibrationConfig, seed: int, where: str
+    scores: np.ndarray,
+    labels: np.ndarray,
+    config: CalibrationConfig,
+    seed: int,
+    where: str,
+    trained: Sequence[float] = (),
 ) -> tuple[float, dict[str, Any], str]:
     """The raw image threshold ``config``'s rule sets from labelled image scores alone, its
-    evidence and the method text (``where`` names the data in an error)."""
+    evidence and the method text (``where`` names the data in an error). ``trained``: scores
+    of defect-free images the model was fitted on, joined to the held-back defect-free ones
+    for the false-alarm rule when ``training_evidence`` allows."""
     if config.image_rule == "false_alarm":
-        check_clean_images(int((labels == 0).sum()), config, where)
+        clean = scores[labels == 0]
+        check_clean_images(clean.size, config, where)
+        pooled, extra = clean, None
+        if config.use_training_images and len(trained) > 0:
+            extra = training_evidence(clean, np.asarray(trained, dtype=np.float64), config)
+            if extra["used"]:
+                pooled = np.concatenate([clean, np.asarray(trained, dtype=np.float64)])
         threshold, evidence = false_alarm_threshold(
-            scores[labels == 0], config.target_false_alarm, seed, config.false_alarm_bound
+            pooled, config.target_false_alarm, seed, config.false_alarm_bound
         )
+        evidence["held_back_defect_free"] = int(clean.size)
+        if extra is not None:
+            evidence["training_images"] = extra
         return threshold, evidence, f"image:false-alarm-{config.target_false_alarm:g}"
     if 0 < labels.sum() < labels.size:
         # Both classes weigh the same: a validation split is mostly defective images (every
@@ -277,7 +327,10 @@ def image_threshold(
 
 
 def fit_calibration(
-    samples: CalibrationSamples, config: CalibrationConfig, seed: int = 0
+    samples: CalibrationSamples,
+    config: CalibrationConfig,
+    seed: int = 0,
+    trained: Sequence[float] = (),
 ) -> Calibration:
     """Image threshold by the configured rule, pixel threshold by pixel F1 (or a percentile)."""
     if not samples.image_scores:
@@ -288,7 +341,7 @@ def fit_calibration(
     truth = np.concatenate(samples.pixel_labels) if samples.pixel_labels else np.zeros(1, bool)
     clean = image_scores[image_labels == 0]
     image_threshold_, evidence, method = image_threshold(
-        image_scores, image_labels, config, seed, "calibration"
+        image_scores, image_labels, config, seed, "calibration", trained
     )
     methods = [method]
     if truth.any() and not truth.all():
@@ -455,10 +508,12 @@ def fit_operating_point(
     config: CalibrationConfig,
     suppression: SuppressionSettings,
     seed: int = 0,
+    trained: Sequence[float] = (),
 ) -> tuple[Calibration, SuppressionSettings]:
     """The whole calibration of labelled, analysed images, as training does it: the image
     threshold by the configured rule, the pixel threshold, and (with ``fit_regions`` and defect
-    masks) the region settings by region F1; the evidence is in the calibration."""
+    masks) the region settings by region F1; the evidence is in the calibration. ``trained``:
+    the image scores of defect-free images the model was fitted on (``image_threshold``)."""
     chosen = 0.0  # the sigma chosen by pixel AP; 0: none chosen (region_f1's grid, no masks)
     sigmas: Sequence[float] = SMOOTHING_SIGMAS
     smoothing: dict[str, Any] = {"smoothing_by": config.smoothing_by}
@@ -474,7 +529,7 @@ def fit_operating_point(
     for label, analysis, mask in analysed:
         pixels = smooth(analysis.anomaly_map, chosen)
         samples.add(analysis.score, label, pixels, analysis.valid, mask)
-    calibration = fit_calibration(samples, config, seed)
+    calibration = fit_calibration(samples, config, seed, trained)
     if config.fit_regions:
         calibration, suppression, regions = fit_regions(
             detector, analysed, calibration, samples, suppression, sigmas

@@ -57,6 +57,14 @@ class CalibrationConfig(BaseModel):
     # sits above the highest), "gaussian" (prediction bound of a normal law, from 2 images), or
     # "auto": conformal where the images reach the target, gaussian where they do not.
     false_alarm_bound: FalseAlarmBound = "auto"
+    # The defect-free images the model was fitted on count as more defect-free evidence for
+    # `false_alarm` when their scores are not lower than the held-back ones' (one-sided
+    # Mann-Whitney test, p >= `optimism_p`): a model that scores what it fitted on lower (a
+    # PatchCore memory bank, an autoencoder that learned them) is caught and they are left out.
+    # At most `max_training_images` of them are scored (evenly spread).
+    use_training_images: bool = True
+    optimism_p: float = Field(default=0.05, gt=0.0, lt=1.0)
+    max_training_images: int = Field(default=50, ge=1)
     # Defect-free images that must be held back from fitting (and from best-state selection).
     min_clean_images: int = Field(default=3, ge=1)
     # Choose the pixel threshold, smoothing and minimum region area by region F1 on the

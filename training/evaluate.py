@@ -20,6 +20,7 @@ from tqdm import tqdm
 from models.overlay import encode_png, render_overlay, wrap_wide
 from models.pipeline import Analysis, Detector, Prediction
 from training.calibrate import describe_operating_point
+from training.config import CalibrationConfig
 from training.data import Sample, has_pixel_labels, load_image, load_mask
 from training.decisions import StripOutcome, count_regions, decision_metrics, per_defect_decisions
 from training.metrics import EvaluationAccumulator, ImageRecord, to_jsonable
@@ -66,6 +67,26 @@ def analyse_samples(
         analysis = detector.analyse(image)
         mask = load_mask(sample, image.shape) if has_pixel_labels(sample) else None
         yield sample, analysis, mask
+
+
+def fitted_clean_scores(
+    detector: Detector,
+    samples: Sequence[Sample],
+    config: CalibrationConfig,
+    *,
+    progress: bool = True,
+) -> list[float]:
+    """Image scores of the defect-free images the model was fitted on (at most
+    ``config.max_training_images``, evenly spread), for the operating point
+    (``training.calibrate.image_threshold``); none when the config does not use them."""
+    clean = [sample for sample in samples if sample.label == 0]
+    if not (config.use_training_images and config.image_rule == "false_alarm" and clean):
+        return []
+    if len(clean) > config.max_training_images:
+        picks = np.linspace(0, len(clean) - 1, config.max_training_images).round().astype(int)
+        clean = [clean[i] for i in sorted(set(picks.tolist()))]
+    analysed = analyse_samples(detector, clean, progress=progress, desc="score fitted")
+    return [analysis.score for _, analysis, _ in analysed]
 
 
 def run_evaluation(

@@ -45,8 +45,8 @@ from training.calibrate import (
     reference_scores,
 )
 from training.config import CalibrationConfig
-from training.data import fingerprint, load_dataset, split_dataset
-from training.evaluate import analyse_samples
+from training.data import Sample, fingerprint, load_dataset, split_dataset
+from training.evaluate import analyse_samples, fitted_clean_scores
 
 Split = Literal["auto", "test", "all"]
 
@@ -173,9 +173,10 @@ def recalibrate_on_data(
             "use --split all (or auto) to calibrate on other data"
         )
     use_validation = split == "test" or (split == "auto" and same_data)
+    fitted: list[Sample] = []  # the defect-free images the model was fitted on, if these
     if use_validation:
         chosen = split_dataset(dataset, training.get("val_fraction", 0.3), training.get("seed", 0))
-        samples = list(chosen.validation)
+        samples, fitted = list(chosen.validation), list(chosen.train)
     else:
         samples = list(dataset.samples)
     config = calibration_config(manifest, overrides)
@@ -188,7 +189,8 @@ def recalibrate_on_data(
         )
     ]
     base = SuppressionSettings.model_validate(manifest.suppression)
-    calibration, suppression = fit_operating_point(detector, analysed, config, base, seed)
+    trained = fitted_clean_scores(detector, fitted, config, progress=progress)
+    calibration, suppression = fit_operating_point(detector, analysed, config, base, seed, trained)
     scores = np.array([analysis.score for _, analysis, _ in analysed])
     labels = np.array([label for label, _, _ in analysed])
     before = manifest.calibration

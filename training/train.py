@@ -46,7 +46,12 @@ from training.data import (
     load_mask,
     split_dataset,
 )
-from training.evaluate import EvaluationResult, analyse_samples, run_evaluation
+from training.evaluate import (
+    EvaluationResult,
+    analyse_samples,
+    fitted_clean_scores,
+    run_evaluation,
+)
 from training.metrics import pixel_ap
 
 log = logging.getLogger(__name__)
@@ -292,8 +297,9 @@ def train(
     # Validation analyses are kept in memory once, then used to calibrate and to evaluate.
     analysed = list(analyse_samples(detector, split.validation, progress=progress, desc="validate"))
     labelled = [(sample.label, analysis, mask) for sample, analysis, mask in analysed]
+    trained = fitted_clean_scores(detector, split.train, config.calibration, progress=progress)
     calibration, settings = fit_operating_point(
-        detector, labelled, config.calibration, config.suppression, seed
+        detector, labelled, config.calibration, config.suppression, seed, trained
     )  # the same function re-fits a model's calibration (loomwatch calibrate --data)
     manifest.suppression = settings.model_dump()
     detector.suppression = settings

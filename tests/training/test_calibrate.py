@@ -68,7 +68,7 @@ def test_conformal_bound_says_when_too_few_images_reach_the_target() -> None:
     evidence = calibration.evidence["operating_point"]
     assert evidence["bound"] == "conformal" and evidence["target_reachable"] is False
     assert evidence["false_alarm_bound"] == 0.25 and evidence["images_needed_for_target"] == 19
-    assert "needs 19 held-back images" in describe_operating_point(evidence)
+    assert "needs 19 defect-free images" in describe_operating_point(evidence)
     assert calibration.method == "image:false-alarm-0.05,pixel:p99.99"
 
 
@@ -153,3 +153,30 @@ def test_resampling_the_held_back_strips_gives_each_rules_average() -> None:
     assert gaussian["pooled"]["false_alarm_rate"] < 0.25
     assert conformal["pooled"]["detected"] == gaussian["pooled"]["detected"] == 2.0
     assert conformal["pooled"]["defective"] == 4
+
+
+def test_fitted_on_images_join_the_held_back_ones_when_they_score_no_lower() -> None:
+    """3 held back and 6 fitted on that score alike: 9 images reach 10 % (conformal, just
+    above the highest of all 9); fitted-on images that score lower than every held-back one (a
+    memory bank that holds them) are left out, and the evidence says which and why."""
+    held_back = [0.40, 0.42, 0.41]
+    alike = [0.39, 0.43, 0.405, 0.415, 0.40, 0.425]
+    samples = _samples([*held_back, 0.9], [0, 0, 0, 1])
+    calibration = fit_calibration(samples, CalibrationConfig(), trained=alike)
+    evidence = calibration.evidence["operating_point"]
+    assert evidence["bound"] == "conformal" and evidence["defect_free_images"] == 9
+    assert evidence["held_back_defect_free"] == 3 and evidence["training_images"]["used"]
+    assert 0.43 < calibration.image_threshold < 0.4301
+    assert "9 defect-free images (3 held back, 6 fitted on" in describe_operating_point(evidence)
+
+    lower = [0.05, 0.06, 0.04, 0.05, 0.07, 0.03]
+    calibration = fit_calibration(samples, CalibrationConfig(), trained=lower)
+    evidence = calibration.evidence["operating_point"]
+    assert evidence["training_images"]["used"] is False
+    assert evidence["training_images"]["p_lower"] < 0.05
+    assert evidence["bound"] == "gaussian" and evidence["defect_free_images"] == 3
+    assert "the 6 fitted on left out" in describe_operating_point(evidence)
+
+    off = CalibrationConfig(use_training_images=False)
+    evidence = fit_calibration(samples, off, trained=alike).evidence["operating_point"]
+    assert "training_images" not in evidence and evidence["defect_free_images"] == 3

@@ -290,5 +290,8 @@ def test_the_false_alarm_bound_is_chosen_and_recorded(
     assert operating["bound"] == "conformal" and operating["target_reachable"] is False
     assert "sits just above the highest one" in summary
     trained = read_manifest(bundle).calibration.evidence["operating_point"]  # auto
-    reached = trained["held_back_defect_free"] >= trained["images_needed_for_target"]
+    reached = trained["defect_free_images"] >= trained["images_needed_for_target"]
     assert trained["bound"] == ("conformal" if reached else "gaussian")
+    # the images the model was fitted on are scored again, as training scored them
+    assert trained["training_images"]["images"] >= 1
+    assert operating["training_images"] == pytest.approx(trained["training_images"])
