@@ -261,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--false-alarm-bound",
         choices=("auto", "conformal", "gaussian"),
-        help="how the false_alarm rule sets the threshold from the held-back defect-free "
-        "images (default: the model's; auto for models trained before the setting existed)",
+        help="how the false_alarm rule sets the threshold from the defect-free images "
+        "(default: the model's; auto for models trained before the setting existed)",
     )
     calibrate.add_argument(
         "--smoothing-by",

@@ -49,8 +49,8 @@ class CalibrationConfig(BaseModel):
     # back from fitting to `target_false_alarm`; "f1" maximises F1 with both classes weighted
     # equally over the validation images (needs defective images there).
     image_rule: Literal["false_alarm", "f1"] = "false_alarm"
-    # 10 %: issue 13's acceptable rate; 5 % from 3-4 held-back strips puts the gaussian bound
-    # 2.9-3.4 deviations up, which flagged 0.55-0.86 of held-out defective strips (docs/fleets.md).
+    # 10 %: issue 13's acceptable rate; at 5 % the default calibration flagged 0.73-0.89 of the
+    # held-out defective AITEX strips of three fleets, at 10 % 0.86-0.94 (docs/fleets.md).
     target_false_alarm: float = Field(default=0.1, gt=0.0, lt=1.0)
     # How `false_alarm` turns the held-back scores into a threshold (training.calibrate):
     # "conformal" (distribution-free; reaches the target only from 1/target - 1 images, else
@@ -60,7 +60,8 @@ class CalibrationConfig(BaseModel):
     # The defect-free images the model was fitted on count as more defect-free evidence for
     # `false_alarm` when their scores are not lower than the held-back ones' (one-sided
     # Mann-Whitney test, p >= `optimism_p`): a model that scores what it fitted on lower (a
-    # PatchCore memory bank, an autoencoder that learned them) is caught and they are left out.
+    # memory bank that kept their patches, an autoencoder that learned them) is caught and they
+    # are left out.
     # At most `max_training_images` of them are scored (evenly spread).
     use_training_images: bool = True
     optimism_p: float = Field(default=0.05, gt=0.0, lt=1.0)

@@ -343,6 +343,15 @@ def load_dataset(root: Path | str, fabric: str | None = None, layout: str = "aut
 # --- pixels ----------------------------------------------------------------------------------
 
 
+def evenly_spread(samples: list[Sample], limit: int) -> list[Sample]:
+    """At most ``limit`` of ``samples``, evenly spread over them in their order (distinct once
+    rounded, since they are at least one apart)."""
+    if len(samples) <= limit:
+        return samples
+    picks = np.linspace(0, len(samples) - 1, limit).round().astype(int)
+    return [samples[int(i)] for i in picks]
+
+
 def load_image(sample: Sample) -> np.ndarray:
     """The sample's image as H x W uint8 grey (raises ``ImageDecodeError`` naming the file)."""
     return decode_image(sample.image)

@@ -21,7 +21,7 @@ from models.overlay import encode_png, render_overlay, wrap_wide
 from models.pipeline import Analysis, Detector, Prediction
 from training.calibrate import describe_operating_point
 from training.config import CalibrationConfig
-from training.data import Sample, has_pixel_labels, load_image, load_mask
+from training.data import Sample, evenly_spread, has_pixel_labels, load_image, load_mask
 from training.decisions import StripOutcome, count_regions, decision_metrics, per_defect_decisions
 from training.metrics import EvaluationAccumulator, ImageRecord, to_jsonable
 
@@ -82,10 +82,8 @@ def fitted_clean_scores(
     clean = [sample for sample in samples if sample.label == 0]
     if not (config.use_training_images and config.image_rule == "false_alarm" and clean):
         return []
-    if len(clean) > config.max_training_images:
-        picks = np.linspace(0, len(clean) - 1, config.max_training_images).round().astype(int)
-        clean = [clean[i] for i in sorted(set(picks.tolist()))]
-    analysed = analyse_samples(detector, clean, progress=progress, desc="score fitted")
+    chosen = evenly_spread(clean, config.max_training_images)
+    analysed = analyse_samples(detector, chosen, progress=progress, desc="score fitted")
     return [analysis.score for _, analysis, _ in analysed]
 
 

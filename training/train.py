@@ -39,6 +39,7 @@ from training.data import (
     Dataset,
     Sample,
     Split,
+    evenly_spread,
     fingerprint,
     has_pixel_labels,
     load_dataset,
@@ -120,9 +121,7 @@ def with_column_baseline(
     detector.pipeline = pipeline  # the maps it learns from are the network's own
     if not learn or not samples:
         return pipeline
-    if len(samples) > BASELINE_IMAGES:  # evenly spread, so distinct once rounded
-        spread = np.linspace(0, len(samples) - 1, BASELINE_IMAGES).round().astype(int)
-        samples = [samples[int(i)] for i in spread]
+    samples = evenly_spread(samples, BASELINE_IMAGES)
     levels = [
         column_levels(analysis.anomaly_map, analysis.valid)
         for _, analysis, _ in analyse_samples(detector, samples, progress=progress, desc="baseline")

@@ -23,6 +23,7 @@ from training.data import (
     DatasetError,
     Sample,
     detect_layout,
+    evenly_spread,
     fingerprint,
     has_pixel_labels,
     load_dataset,
@@ -497,3 +498,14 @@ def test_real_aitex_development_strips() -> None:
         assert 0 < mask.sum() < mask.size
     split = split_dataset(fabric_02, seed=0)
     assert (len(split.train), len(split.validation)) == (10, 4 + 19)
+
+
+def test_evenly_spread_keeps_at_most_the_limit_spread_over_all() -> None:
+    """The cap on the fitted-on images scored for the operating point and on the column
+    baseline's images: distinct, first and last kept, order kept; fewer are returned whole."""
+    samples = [Sample(Path(f"{i:03d}.png"), (), 0, None, None) for i in range(101)]
+    chosen = evenly_spread(samples, 50)
+    assert len(chosen) == len({s.image for s in chosen}) == 50
+    assert chosen[0] is samples[0] and chosen[-1] is samples[-1]
+    assert [s.name for s in chosen] == sorted(s.name for s in chosen)
+    assert evenly_spread(samples[:7], 50) == samples[:7]
