@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from models.manifest import ImageLevel
 from tracking.fleet import resolve_fleet, write_fleet_manifest
 from training.recalibrate import Recalibration, recalibrate_on_data
 
@@ -25,12 +26,14 @@ def rewrite_fleet(
     manifest_extra: dict[str, Any],
     report: Callable[[str, Recalibration], None],
     overrides: dict[str, Any] | None = None,
+    image_level: ImageLevel | None = None,
 ) -> Path:
     """Write at ``out`` every fabric of ``fleet_uri`` changed by ``change`` and recalibrated on
     ``data`` (``loomwatch calibrate --split test``: the validation split the fleet's own
     operating points came from), then a fleet manifest with ``manifest_extra``; ``report`` is
     told each fabric's recalibration; ``overrides``: calibration settings laid over the recorded
-    ones (as ``loomwatch calibrate`` takes them)."""
+    ones (as ``loomwatch calibrate`` takes them); ``image_level``: the images scored with that
+    ``pipeline.image_level`` (``loomwatch calibrate --image-level``)."""
     fleet = resolve_fleet(str(fleet_uri))
     fabrics: dict[str, Any] = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +46,7 @@ def rewrite_fleet(
             target = out / fabric
             result = recalibrate_on_data(
                 staged, data, target, fabric=fabric, split="test", progress=False,
-                overrides=overrides,
+                overrides=overrides, image_level=image_level,
             )  # fmt: skip
             shutil.rmtree(staged)
             report(fabric, result)

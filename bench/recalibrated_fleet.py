@@ -3,14 +3,15 @@ settings), on the same validation split: the same networks judged under two cali
 paired comparison).
 
     python -m bench.recalibrated_fleet --fleet runs/fleet-a --data runs/hall/fit \
-        --out runs/fleet-a-rc [--set smoothing_by=region_f1]
+        --out runs/fleet-a-rc [--set smoothing_by=region_f1] [--image-level median]
     loomwatch evaluate --model-uri runs/fleet-a-rc --data runs/hall/test --split all ...
 
 For every fabric of ``--fleet`` it re-fits the operating point and the region settings on the
 validation split the fabric's model was trained with (``loomwatch calibrate --split test``: the
-same held-back defect-free strips, the same rule unless ``--set`` changes it) and writes a fleet
-manifest beside the bundles. Prints each fabric's image threshold and region settings before and
-after, with the pixel AP of each smoothing where it was chosen by pixel AP.
+same held-back defect-free strips, the same rule unless ``--set`` changes it; ``--image-level``
+scores them with that ``pipeline.image_level``) and writes a fleet manifest beside the
+bundles. Prints each fabric's image threshold and region settings before and after, with the
+pixel AP of each smoothing where it was chosen by pixel AP.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a calibration setting, e.g. smoothing_by=region_f1 (repeatable)",
     )  # fmt: skip
+    parser.add_argument(
+        "--image-level", choices=("none", "median"), help="score with this pipeline.image_level"
+    )
     args = parser.parse_args(argv)
     try:
         overrides = dict(parse_override(text) for text in args.set)
@@ -63,8 +67,11 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
 
-    extra = {"recalibrated_from": str(args.fleet), "calibration_overrides": overrides}
-    rewrite_fleet(args.fleet, args.data, args.out, copied_bundle, extra, report, overrides)
+    extra = {"recalibrated_from": str(args.fleet), "calibration_overrides": overrides,
+             "image_level": args.image_level}  # fmt: skip
+    rewrite_fleet(
+        args.fleet, args.data, args.out, copied_bundle, extra, report, overrides, args.image_level
+    )
 
 
 if __name__ == "__main__":

@@ -270,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --data and defect masks: how the map's smoothing is chosen (default: the "
         "model's; pixel_ap for models trained before the setting existed)",
     )
+    calibrate.add_argument(
+        "--image-level",
+        choices=("none", "median"),
+        help="with --data: score the images with each image's median map level subtracted "
+        "(median, the default for models trained since it existed) or not (none) and re-fit "
+        "the operating point on that scale (default: the model's)",
+    )
     calibrate.add_argument("--out", type=Path, help="new model folder (default runs/calibrated-*)")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument(
@@ -837,6 +844,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         overrides["smoothing_by"] = args.smoothing_by
     if args.false_alarm_bound is not None:
         overrides["false_alarm_bound"] = args.false_alarm_bound
+    if args.image_level is not None and args.data is None:
+        raise CliError(
+            "--image-level goes with --data: the images must be scored again on the new scale"
+        )
     out = args.out or Path("runs") / time.strftime("calibrated-%Y%m%d-%H%M%S")
     model = resolve_model_uri(args.model_uri)
     if args.data is not None:
@@ -850,6 +861,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.quiet,
             overrides=overrides,
+            image_level=args.image_level,
         )
     else:
         from app.feedback.store import FeedbackStore, safe_url

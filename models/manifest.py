@@ -30,6 +30,9 @@ class BundleError(RuntimeError):
     """A bundle could not be written or read; the message names the file and the reason."""
 
 
+ImageLevel = Literal["none", "median"]
+
+
 class PipelineConfig(BaseModel):
     """How images are cut, scored and post-processed around the model."""
 
@@ -51,6 +54,14 @@ class PipelineConfig(BaseModel):
         default=65, ge=1, description="columns the learned level is widened and smoothed over"
     )
     column_baseline: ColumnBaseline | None = None
+    image_level: ImageLevel = Field(
+        default="median",
+        description="median: every analysis subtracts the image's own median map value on"
+        " fabric from its map and tile scores, so a strip's score says how far its worst spot"
+        " stands above the rest of that strip, not above a level that drifts from strip to"
+        ' strip (docs/fleets.md, "The image\'s own level"); none: the map as the model gave'
+        " it (bundles written before the setting existed read as none)",
+    )
 
 
 # Bumped whenever the Python pipeline around a network (inputs, outputs, what the graph holds)
@@ -110,6 +121,10 @@ def read_manifest(directory: Path | str) -> Manifest:
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: format version {version!r} is not supported ({FORMAT_VERSION})")
+    pipeline = raw.get("pipeline")
+    if isinstance(pipeline, dict) and "image_level" not in pipeline:
+        # written before the setting existed: calibrated on maps without the level subtracted
+        raw = {**raw, "pipeline": {**pipeline, "image_level": "none"}}
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:

@@ -52,6 +52,8 @@ class Analysis:
     timings: dict[str, float] = field(default_factory=dict)
     # columns [start, stop) of the bundle's learned field of view when it applied to this image
     field_of_view: tuple[int, int] | None = None
+    # raw map level subtracted from the map and the tile scores (pipeline.image_level); 0 if none
+    level: float = 0.0
 
 
 @dataclass
@@ -241,6 +243,13 @@ class Detector:
         image, padded_valid, boxes = tiled.image, tiled.padded_valid, tiled.boxes
         with _timed(timings, "stitch"):
             full = stitch(maps, boxes, *tiled.padded.shape)[: image.shape[0], : image.shape[1]]
+            level = 0.0
+            if self.pipeline.image_level == "median" and tiled.valid.any():
+                # the strip's own level: its worst spot is judged against the rest of it
+                # (before the column baseline, which is learned from maps so shifted)
+                level = float(np.median(full[tiled.valid]))
+                full = np.where(tiled.valid, full - level, full).astype(np.float32, copy=False)
+                scores = [score - level for score in scores]
             baseline = self.pipeline.column_baseline
             if baseline is not None and baseline.applies(image.shape[1]):
                 # each tile's score becomes its highest pixel above the column's level
@@ -250,8 +259,9 @@ class Detector:
             on_fabric = [s for s, f in zip(scores, fractions, strict=True) if f > 0]
             score = max(on_fabric) if on_fabric else 0.0
         return Analysis(
-            image, tiled.valid, full, boxes, scores, fractions, score, timings, tiled.field_of_view
-        )
+            image, tiled.valid, full, boxes, scores, fractions, score, timings,
+            tiled.field_of_view, level,
+        )  # fmt: skip
 
     def analyse(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Analysis:
         tiled = self._tile(source, max_pixels)

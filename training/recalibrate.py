@@ -33,7 +33,14 @@ import numpy as np
 from pydantic import ValidationError
 
 from models.calibration import Calibration
-from models.manifest import MANIFEST, Manifest, move_into_place, read_manifest, weights_digest
+from models.manifest import (
+    MANIFEST,
+    ImageLevel,
+    Manifest,
+    move_into_place,
+    read_manifest,
+    weights_digest,
+)
 from models.pipeline import Detector
 from models.postprocess import SuppressionSettings
 from training.calibrate import (
@@ -159,10 +166,17 @@ def recalibrate_on_data(
     seed: int = 0,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    image_level: ImageLevel | None = None,
 ) -> Recalibration:
-    """``overrides``: calibration settings to use instead of the recorded ones (and record)."""
+    """``overrides``: calibration settings to use instead of the recorded ones (and record);
+    ``image_level``: score the images with that ``pipeline.image_level`` instead of the model's
+    (recorded in the new manifest: its scores, so its thresholds, are on that scale)."""
     detector = Detector.from_bundle(model_dir, backend=backend)
     manifest = detector.manifest
+    level_before = manifest.pipeline.image_level
+    if image_level is not None:
+        manifest.pipeline = manifest.pipeline.model_copy(update={"image_level": image_level})
+        detector.pipeline = manifest.pipeline
     training = manifest.training
     fabric = fabric if fabric is not None else training.get("fabric")
     dataset = load_dataset(data, fabric=fabric)
@@ -204,6 +218,7 @@ def recalibrate_on_data(
         "before": _rates(scores, labels, before.image_threshold),
         "after": _rates(scores, labels, calibration.image_threshold),
         "weights_digest": weights_digest(model_dir),
+        "image_level": {"before": level_before, "after": manifest.pipeline.image_level},
     }
     calibration.evidence["recalibration"] = evidence
     updated = _manifest_with(manifest, calibration, suppression)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from models.calibration import Calibration
-from models.manifest import Manifest, PipelineConfig
+from models.manifest import ImageLevel, Manifest, PipelineConfig
 from models.pipeline import Analysis, Detector
 from models.postprocess import SuppressionSettings, smooth
 from models.preprocessing import ValidAreaSettings
@@ -23,9 +23,9 @@ UNCALIBRATED = Calibration(
 )  # fmt: skip
 
 
-def _detector(calibration: Calibration = UNCALIBRATED) -> Detector:
+def _detector(calibration: Calibration = UNCALIBRATED, level: ImageLevel = "median") -> Detector:
     area = ValidAreaSettings(end_margin=0, learn_field_of_view=False)
-    pipeline = PipelineConfig(tile_size=64, stride=64, valid_area=area)
+    pipeline = PipelineConfig(tile_size=64, stride=64, valid_area=area, image_level=level)
     manifest = Manifest(model_type="fake", config={}, pipeline=pipeline, calibration=calibration)
     return Detector(PixelsAsMap(pool=9), manifest)
 
@@ -75,9 +75,10 @@ def test_speckled_maps_are_smoothed_because_smoothing_raises_pixel_ap() -> None:
 def test_the_served_map_is_the_smoothed_map_the_regions_come_from_and_evaluation_judges_it() -> (
     None
 ):
-    # thresholds the patches pass (raw grey 130/255 on speckle of 100/255) and the speckle not
+    # thresholds the patches pass (raw grey 130/255 on speckle of 100/255, the map as the
+    # network gives it) and the speckle not
     passing = {"image_threshold": 0.45, "pixel_threshold": 0.45}
-    detector = _detector(UNCALIBRATED.model_copy(update=passing))
+    detector = _detector(UNCALIBRATED.model_copy(update=passing), level="none")
     detector.suppression = SuppressionSettings(smoothing_sigma=3.0, min_region_area=1)
     analysed = _analysed(detector, range(8))
     predictions = [detector.finish(analysis) for _, analysis, _ in analysed]

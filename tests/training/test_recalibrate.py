@@ -295,3 +295,34 @@ def test_the_false_alarm_bound_is_chosen_and_recorded(
     # the images the model was fitted on are scored again, as training scored them
     assert trained["training_images"]["images"] >= 1
     assert operating["training_images"] == pytest.approx(trained["training_images"])
+
+
+def test_the_image_level_is_chosen_scored_and_recorded(
+    bundle: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--image-level none scores the validation strips again without each strip's median map
+    level subtracted and re-fits the thresholds on that scale; the new manifest says so, so the
+    served scores are on the scale its thresholds were fitted on. It needs --data."""
+    out = tmp_path / "no-level"
+    assert read_manifest(bundle).pipeline.image_level == "median"  # trained since it existed
+    assert main(["--quiet", "calibrate", "--model-uri", str(bundle), "--data", str(synth_data),
+                 "--image-level", "none", "--out", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    manifest = read_manifest(out)
+    assert manifest.pipeline.image_level == "none"
+    recorded = manifest.calibration.evidence["recalibration"]["image_level"]
+    assert recorded == {"before": "median", "after": "none"}
+    trained = read_manifest(bundle).calibration
+    # PatchCore's maps are distances well above 0: the raw scale moves up by the level
+    assert manifest.calibration.image_threshold > trained.image_threshold
+    image = _first_image(synth_data)
+    assert Detector.from_bundle(bundle).analyse(image).level > 0.0
+    assert Detector.from_bundle(out).analyse(image).level == 0.0
+    assert main(["calibrate", "--model-uri", str(bundle), "--feedback", "sqlite:///x.db",
+                 "--image-level", "none", "--out", str(tmp_path / "never")]) == 2  # fmt: skip
+    one_line_error(capsys, "--image-level goes with --data")
+    assert not (tmp_path / "never").exists()
+
+
+def _first_image(data: Path) -> Path:
+    return next(path for path in sorted(data.rglob("*.png")) if "mask" not in str(path).lower())
