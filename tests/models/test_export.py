@@ -143,9 +143,12 @@ def test_int8_needs_calibration_tiles_and_keeps_the_ranking(
         assert manifest.export is not None and manifest.export.precision == "int8"
         assert manifest.export.calibration_tiles == 16
         got = Detector.from_bundle(out).analyse(STRIP)
-        # quantised, so not equal; but the same picture of the strip
-        correlation = np.corrcoef(got.anomaly_map.ravel(), reference.anomaly_map.ravel())[0, 1]
-        assert correlation > 0.9, (fmt, correlation)
+        # quantised, so not equal; but the same picture of the strip's fabric (the white
+        # padding is 0 in both maps and would make any two maps look alike)
+        fabric = reference.valid
+        assert (got.valid == fabric).all() and not fabric.all()
+        correlation = np.corrcoef(got.anomaly_map[fabric], reference.anomaly_map[fabric])[0, 1]
+        assert correlation > 0.8, (fmt, correlation)  # 0.89 measured
 
 
 @pytest.mark.slow
