@@ -128,6 +128,12 @@ class ImageOut(BaseModel):
         description="the model's learned field of view, columns [start, stop), when it applied"
         " (an image as wide as its training images): columns outside it are not scored",
     )
+    map_level: float = Field(
+        default=0.0,
+        description="the image's own level (the median of the model's map over its fabric, in"
+        " raw units) subtracted from the map and the score when the model's pipeline says"
+        " image_level=median; 0 otherwise",
+    )
 
 
 class MaskOut(BaseModel):
@@ -165,6 +171,7 @@ PREDICTION_EXAMPLE: dict[str, Any] = {
         "tiles": 16,
         "fabric_fraction": 0.9134,
         "field_of_view": {"start": 352, "stop": 4064},
+        "map_level": 0.0951,
     },
     "score": 0.8312,
     "raw_score": 4.127,

@@ -244,6 +244,7 @@ class Scorer:
                 tiles=summary["tiles"],
                 fabric_fraction=summary["fabric_fraction"],
                 field_of_view=summary["field_of_view"],
+                map_level=summary["map_level"],
             ),
             score=summary["score"],
             raw_score=summary["raw_score"],

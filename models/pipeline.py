@@ -95,6 +95,7 @@ class Prediction:
             "tiles": len(self.analysis.boxes),
             "fabric_fraction": round(float(np.mean(self.analysis.valid)), 4),
             "field_of_view": (None if view is None else {"start": view[0], "stop": view[1]}),
+            "map_level": round(self.analysis.level, 6),
             "score": round(self.score, 6),
             "raw_score": self.raw_score,
             "threshold": self.threshold,

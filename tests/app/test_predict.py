@@ -56,6 +56,7 @@ def test_predict_finds_the_stain(client: TestClient, defect_png: bytes) -> None:
     # all of the strip but its ends is fabric; the bundle learned no field of view
     assert image["fabric_fraction"] == pytest.approx((WIDTH - 2 * ends) / WIDTH, abs=1e-4)
     assert image["field_of_view"] is None
+    assert isinstance(image["map_level"], float)  # the strip's level subtracted (image_level)
     assert body["decision"] == "anomalous" and body["is_anomalous"] is True
     assert body["score"] >= body["threshold"] == 0.5
     assert isinstance(body["raw_score"], float) and isinstance(body["raw_threshold"], float)

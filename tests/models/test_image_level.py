@@ -47,6 +47,8 @@ def test_a_strip_brighter_all_over_scores_as_it_would_at_its_own_level() -> None
     assert b.score == pytest.approx(a.score, abs=1e-6)
     assert b.tile_scores == pytest.approx(a.tile_scores, abs=1e-6)
     assert np.median(a.anomaly_map[a.valid]) == pytest.approx(0.0, abs=1e-6)
+    # what the API and predict report
+    assert median.finish(a).summary()["map_level"] == pytest.approx(a.level, abs=1e-6)
     # the map keeps its shape: the defect is its highest spot, 60 grey above the weave
     y, x = np.unravel_index(np.argmax(a.anomaly_map), a.anomaly_map.shape)
     assert 20 <= y < 26 and 100 <= x < 106
