@@ -152,12 +152,18 @@ def folder_digest(directory: Path | str) -> str:
 
 
 def weights_digest(directory: Path | str) -> str:
-    """``sha256:`` and 12 hex digits over the model's files alone (not the manifest): the same
-    for every calibration of the same weights, so raw scores with one digest are comparable."""
+    """``sha256:`` and 12 hex digits over the model's files (not the manifest) and, when the
+    pipeline measures maps above each image's own level, that setting: the same for every
+    calibration of the same weights on the same scale, so raw scores with one digest are
+    comparable (feedback recorded before ``calibrate --image-level`` changed the scale does not
+    mix with scores after it). Models without the level keep the digest of their files alone."""
     folder = Path(directory)
+    manifest = read_manifest(folder)
     sha = hashlib.sha256()
-    for name in model_files(folder, read_manifest(folder)):
+    for name in model_files(folder, manifest):
         sha.update(file_sha256(folder / name).encode())
+    if manifest.pipeline.image_level != "none":
+        sha.update(f"image_level={manifest.pipeline.image_level}".encode())
     return "sha256:" + sha.hexdigest()[:12]
 
 

@@ -60,7 +60,10 @@ class RecordedModel(BaseModel):
     name: str
     version: str
     digest: str = Field(description="the bundle (manifest and weights)")
-    weights_digest: str = Field(description="the weights alone: the same across calibrations")
+    weights_digest: str = Field(
+        description="the weights and the scale of their raw scores (pipeline.image_level): "
+        "the same across calibrations that keep the scale"
+    )
 
 
 class PredictionRecord(BaseModel):

@@ -318,6 +318,9 @@ def test_the_image_level_is_chosen_scored_and_recorded(
     image = _first_image(synth_data)
     assert Detector.from_bundle(bundle).analyse(image).level > 0.0
     assert Detector.from_bundle(out).analyse(image).level == 0.0
+    # feedback recorded on one scale is not used to calibrate on the other
+    assert weights_digest(out) != weights_digest(bundle)
+    assert file_sha256(out / "weights.safetensors") == file_sha256(bundle / "weights.safetensors")
     assert main(["calibrate", "--model-uri", str(bundle), "--feedback", "sqlite:///x.db",
                  "--image-level", "none", "--out", str(tmp_path / "never")]) == 2  # fmt: skip
     one_line_error(capsys, "--image-level goes with --data")
