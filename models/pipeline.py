@@ -249,7 +249,7 @@ class Detector:
                 # the strip's own level: its worst spot is judged against the rest of it
                 # (before the column baseline, which is learned from maps so shifted)
                 level = float(np.median(full[tiled.valid]))
-                full = np.where(tiled.valid, full - level, full).astype(np.float32, copy=False)
+                full[tiled.valid] -= level  # a fresh float32 array from stitch
                 scores = [score - level for score in scores]
             baseline = self.pipeline.column_baseline
             if baseline is not None and baseline.applies(image.shape[1]):
