@@ -123,6 +123,13 @@ class DraemConfig(ModelConfig):
         default=0.5, ge=0.0, le=1.0, description="share of training tiles skewed/stretched"
     )
     validate_every: int = Field(default=2, ge=1, description="epochs between validation scores")
+    select_from: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of the schedule (epochs or time budget) before which no state can"
+        " become the best one (the last always can); 0: every scored state",
+    )
     ema_decay: float = Field(
         default=0.0,
         ge=0.0,
@@ -468,6 +475,7 @@ class Draem(Reconstructor):
             validate_every=self.config.validate_every,
             prepare=prepare,
             ema_decay=self.config.ema_decay,
+            select_from=self.config.select_from,
         )
 
     # ---- scoring ----------------------------------------------------------------------------

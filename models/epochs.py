@@ -220,6 +220,7 @@ def fit_epochs(
     validate_every: int = 1,
     prepare: Callable[[Any], Any] = _as_is,
     ema_decay: float = 0.0,
+    select_from: float = 0.0,
 ) -> dict[str, Any]:
     """Fit by epochs of shuffled batches (shuffled by ``generator``, a host generator) under
     the deadline, keeping the best state (:func:`run_epochs`); returns the summary, with the
@@ -228,7 +229,8 @@ def fit_epochs(
 
     With ``ema_decay`` in (0, 1), an exponential moving average of the weights is kept after
     every step (torch's ``AveragedModel``); the averaged weights, not the raw ones, are scored
-    and can become the best state, while training goes on with the raw ones."""
+    and can become the best state, while training goes on with the raw ones. ``select_from``:
+    see :func:`run_epochs`."""
     loader: DataLoader[Any] = DataLoader(
         tiles,
         batch_size=context.batch_size,
@@ -254,9 +256,11 @@ def fit_epochs(
         steps_per_epoch=len(loader),
         validate_every=validate_every,
         scored=None if averaged is None else averaged.module,
+        select_from=select_from,
     )
     summary["train_tiles"] = float(len(tiles))
     summary["ema_decay"] = float(ema_decay if averaged is not None else 0.0)
+    summary["select_from"] = float(select_from)
     summary.update(context.timer.summary())
     return summary
 
@@ -322,6 +326,7 @@ def run_epochs(
     steps_per_epoch: int,
     validate_every: int = 1,
     scored: nn.Module | None = None,
+    select_from: float = 0.0,
 ) -> dict[str, Any]:
     """Train epoch by epoch under the deadline; restore the best state; return a summary.
 
@@ -329,6 +334,13 @@ def run_epochs(
     are scored and can become the best state: scoring costs inference time. ``scored`` is the
     module whose weights are scored and kept (a moving average of ``model``'s; by default
     ``model`` itself); without a validation criterion it is kept by ``model``'s training loss.
+
+    ``select_from`` (0..1): only states at or past that share of the schedule (the larger of
+    the epochs run over ``max_epochs`` and the time budget used, as the learning-rate steps
+    count it) can become the best state; the last state always can. Before it, only the first
+    epoch is scored (it times a validation, and its figure is logged); the criterion of a few
+    defective validation strips swings from epoch to epoch, and the maximum over every early
+    epoch had kept untrained states (docs/fleets.md, "Choosing the training state").
     """
     judged = model if scored is None else scored
     started = time.monotonic()
@@ -351,12 +363,18 @@ def run_epochs(
             metrics = dict(outcome.metrics)
             if not outcome.finished:
                 metrics["epoch_fraction"] = outcome.batches / max(steps_per_epoch, 1)
-            # Scored: the first epoch (which also times a validation), every validate_every-th,
-            # and the last one (cut short by the deadline, or the last of max_epochs).
+            # Scored: the first epoch (which also times a validation), every validate_every-th
+            # from select_from on, and the last one (cut short by the deadline, or the last of
+            # max_epochs); offered as the best state from select_from on, and the last one.
             last = not outcome.finished or epoch == max_epochs - 1
-            if last or context.validate is None or epoch % validate_every == 0:
+            share = max((epoch + 1) / max_epochs, 1.0 - context.budget_left())
+            eligible = last or share >= select_from
+            regular = context.validate is None or epoch % validate_every == 0
+            if last or (regular and eligible) or (epoch == 0 and context.validate is not None):
                 scored_at = time.monotonic()
-                best.offer(criterion(judged, metrics, context, loss_key), epoch, judged)
+                value = criterion(judged, metrics, context, loss_key)
+                if eligible:
+                    best.offer(value, epoch, judged)
                 if context.validate is not None:
                     reserve = time.monotonic() - scored_at
             epochs += 1

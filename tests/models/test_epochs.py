@@ -120,3 +120,44 @@ def test_a_moving_average_of_the_weights_is_scored_and_kept() -> None:
         fit_epochs(model, tiles, context, train_batch,  # type: ignore[arg-type]
                    generator=torch.Generator(), max_epochs=1, loss_key="loss", name="test",
                    ema_decay=1.0)  # fmt: skip
+
+
+def test_select_from_keeps_early_states_out_by_epochs_or_by_the_time_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Validation likes the untrained state best (scores fall epoch by epoch): with select_from
+    # only the states at or past that share of the schedule may be kept.
+    def fit(select_from: float, max_epochs: int, budget: float | None) -> tuple[list[int], float]:
+        clock = {"now": 1000.0}
+        fake_time = SimpleNamespace(monotonic=lambda: clock["now"])
+        monkeypatch.setattr(models.epochs, "time", fake_time)
+        monkeypatch.setattr(models.base, "time", fake_time)
+        model = nn.Linear(1, 1)
+        scored: list[int] = []
+
+        def validate(_: nn.Module) -> float:
+            scored.append(int(model.weight.item()))
+            return 1.0 - 0.01 * len(scored)
+
+        def step(epoch: int, stop_at: float) -> EpochOutcome:
+            clock["now"] += 10.0  # an epoch takes 10 s
+            with torch.no_grad():
+                model.weight.fill_(float(epoch))
+            return EpochOutcome({"loss": 1.0}, 4, True)
+
+        deadline = None if budget is None else clock["now"] + budget
+        context = FitContext(deadline=deadline, budget_seconds=budget, progress=False,
+                             validate=validate)  # fmt: skip
+        summary = run_epochs(model, context, step, max_epochs=max_epochs, loss_key="loss",
+                             name="test", steps_per_epoch=4, select_from=select_from)  # fmt: skip
+        assert model.weight.item() == summary["best_epoch"]  # the kept state is restored
+        return scored, summary["best_epoch"]
+
+    assert fit(0.0, 10, None) == (list(range(10)), 0)
+    # by epochs: 5 of 10 epochs is half the schedule; epoch 0 is scored (timed) but not kept
+    assert fit(0.5, 10, None) == ([0, 4, 5, 6, 7, 8, 9], 4)
+    # by time: 100 epochs would take 1000 s, the budget is 100 s; half of it has passed
+    # after epoch 4 (the larger share counts)
+    assert fit(0.5, 100, 100.0) == ([0, 4, 5, 6, 7, 8, 9], 4)
+    # past the end of the schedule nothing is eligible but the last state
+    assert fit(1.0, 10, None) == ([0, 9], 9)
