@@ -124,11 +124,12 @@ class DraemConfig(ModelConfig):
     )
     validate_every: int = Field(default=2, ge=1, description="epochs between validation scores")
     select_from: float = Field(
-        default=0.0,
+        default=0.8,
         ge=0.0,
         le=1.0,
         description="share of the schedule (epochs or time budget) before which no state can"
-        " become the best one (the last always can); 0: every scored state",
+        " become the best one (the last always can); 0: every scored state; 0.8, the first"
+        " learning-rate step (docs/fleets.md, 'Which state is kept')",
     )
     ema_decay: float = Field(
         default=0.0,

@@ -32,6 +32,7 @@ TINY: dict[str, object] = {
     "crop_size": 0,  # whole tiles, none skewed, validation each epoch, unless a test asks
     "augment_share": 0.0,
     "validate_every": 1,
+    "select_from": 0.0,  # every scored state may be kept, unless a test asks
 }
 CAL = Calibration(image_threshold=0.5, image_min=0.0, image_max=1.0, pixel_threshold=0.5,
                   pixel_min=0.0, pixel_max=1.0, method="test")  # fmt: skip
@@ -157,6 +158,16 @@ def test_validate_every_scores_first_every_nth_and_last_epoch() -> None:
     summary = model.fit(woven_tile_set(2), context(logs, validate=lambda _: next(scores)))
     scored = [log.epoch for log in logs if "val_score" in log.metrics]
     assert scored == [0, 2, 4] and summary["best_epoch"] == 2 and len(logs) == 5
+
+
+def test_by_default_only_states_from_the_first_learning_rate_step_are_kept() -> None:
+    assert DraemConfig().select_from == 0.8 == DraemConfig().lr_steps[0]
+    model = tiny(max_epochs=5, select_from=0.8)
+    logs: list[EpochLog] = []
+    scores = iter([0.9, 0.5, 0.4])  # validation likes the untrained state best
+    summary = model.fit(woven_tile_set(2), context(logs, validate=lambda _: next(scores)))
+    scored = [log.epoch for log in logs if "val_score" in log.metrics]
+    assert scored == [0, 3, 4] and summary["best_epoch"] == 3 and summary["select_from"] == 0.8
 
 
 def test_vary_crops_and_skews_training_tiles() -> None:
