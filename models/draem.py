@@ -30,8 +30,9 @@ Choices, and why:
   whichever comes first (the paper's steps at 80 % and 90 % of its epochs; on a CPU the
   budget ends the schedule long before ``max_epochs``, and without the late steps the state
   that validation picked swung between epochs); the best state is the one
-  ``context.validate`` scores highest (every ``validate_every`` epochs), else the lowest mean
-  training loss. On a CPU the networks see random ``crop_size`` crops of the tiles (a step on
+  ``context.validate`` scores highest (every ``validate_every`` epochs, among the states from
+  ``select_from`` of the schedule on: the maximum over every epoch had kept untrained states),
+  else the lowest mean training loss. On a CPU the networks see random ``crop_size`` crops of the tiles (a step on
   128 px crops costs about a quarter of one on 256 px tiles, and the networks are fully
   convolutional, so scoring still runs on whole tiles); ``crop_edge_share`` of the crops are
   pinned to the tile's edges along each axis, because scoring sees every tile's borders and
