@@ -26,20 +26,19 @@ Choices, and why:
 - Synthesis: models/synthesis.py (Perlin + texture, and textile-shaped defects), mixed by the
   ``synthesis`` config; half the samples stay clean by default, as in the paper.
 - Fitting as the VAE: epochs under ``context.deadline``, Adam, learning rate multiplied by
-  ``lr_gamma`` at each fraction in ``lr_steps`` of ``max_epochs`` or of the time budget,
-  whichever comes first (the paper's steps at 80 % and 90 % of its epochs; on a CPU the
-  budget ends the schedule long before ``max_epochs``, and without the late steps the state
-  that validation picked swung between epochs); the best state is the one
-  ``context.validate`` scores highest (every ``validate_every`` epochs, among the states from
-  ``select_from`` of the schedule on: the maximum over every epoch had kept untrained states),
-  else the lowest mean training loss. On a CPU the networks see random ``crop_size`` crops of the tiles (a step on
-  128 px crops costs about a quarter of one on 256 px tiles, and the networks are fully
-  convolutional, so scoring still runs on whole tiles); ``crop_edge_share`` of the crops are
-  pinned to the tile's edges along each axis, because scoring sees every tile's borders and
-  corners (on a strip, its top and bottom rows are tile borders too) and uniform crops almost
-  never hold them (docs/fleets.md, fabric 06's tile corners); ``augment_share`` of the tiles are
-  first skewed and stretched (models/augment.py): fabric-02 defect strips show the twill at
-  another angle than the clean strips it trains on.
+  ``lr_gamma`` at each fraction in ``lr_steps`` of ``max_epochs`` or of the time budget, whichever
+  comes first (the paper's steps at 80 % and 90 % of its epochs; on a CPU the budget ends the
+  schedule long before ``max_epochs``, and without the late steps the state that validation picked
+  swung between epochs); the best state is the one ``context.validate`` scores highest (every
+  ``validate_every`` epochs, among the states from ``select_from`` of the schedule on: the maximum
+  over every epoch had kept untrained states), else the lowest mean training loss. On a CPU the
+  networks see random ``crop_size`` crops of the tiles (a step on 128 px crops costs about a quarter
+  of one on 256 px tiles, and the networks are fully convolutional, so scoring still runs on whole
+  tiles); ``crop_edge_share`` of the crops are pinned to the tile's edges along each axis, because
+  scoring sees every tile's borders and corners (on a strip, its top and bottom rows are tile
+  borders too) and uniform crops almost never hold them (docs/fleets.md, fabric 06's tile corners);
+  ``augment_share`` of the tiles are first skewed and stretched (models/augment.py): fabric-02
+  defect strips show the twill at another angle than the clean strips it trains on.
 - Layout: plain (contiguous) tensors. channels_last made a training step twice as slow here
   (16/16 widths, batch 8: 9.6 s against 5.3 s on 256 px tiles, measured in one run); it is an
   option of the runtime (``--channels-last``) for GPUs, where it feeds the tensor cores.
