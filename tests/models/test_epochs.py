@@ -40,14 +40,20 @@ def test_an_epoch_cut_short_is_scored_and_can_be_the_best() -> None:
     assert logs[2].metrics["epoch_fraction"] == 0.25 and "epoch_fraction" not in logs[1].metrics
 
 
-def test_validate_every_and_the_time_kept_for_the_last_score(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A fake clock that only a validation moves (by 0.25 s, exact in binary): no real waiting.
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """The epoch loop's clock, moved only by the test (``clock["now"]``)."""
     clock = {"now": 1000.0}
     fake_time = SimpleNamespace(monotonic=lambda: clock["now"])
     monkeypatch.setattr(models.epochs, "time", fake_time)
     monkeypatch.setattr(models.base, "time", fake_time)
+    return clock
+
+
+def test_validate_every_and_the_time_kept_for_the_last_score(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fake clock that only a validation moves (by 0.25 s, exact in binary): no real waiting.
+    clock = fake_clock(monkeypatch)
     model = nn.Linear(1, 1)
     scored: list[int] = []
 
@@ -128,10 +134,7 @@ def test_select_from_keeps_early_states_out_by_epochs_or_by_the_time_budget(
     # Validation likes the untrained state best (scores fall epoch by epoch): with select_from
     # only the states at or past that share of the schedule may be kept.
     def fit(select_from: float, max_epochs: int, budget: float | None) -> tuple[list[int], float]:
-        clock = {"now": 1000.0}
-        fake_time = SimpleNamespace(monotonic=lambda: clock["now"])
-        monkeypatch.setattr(models.epochs, "time", fake_time)
-        monkeypatch.setattr(models.base, "time", fake_time)
+        clock = fake_clock(monkeypatch)
         model = nn.Linear(1, 1)
         scored: list[int] = []
 
