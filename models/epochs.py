@@ -365,8 +365,11 @@ def run_epochs(
                 metrics["epoch_fraction"] = outcome.batches / max(steps_per_epoch, 1)
             # Scored: the first epoch (which also times a validation), every validate_every-th
             # from select_from on, and the last one (cut short by the deadline, or the last of
-            # max_epochs); offered as the best state from select_from on, and the last one.
-            last = not outcome.finished or epoch == max_epochs - 1
+            # max_epochs, or one after which only the time kept for its score is left); offered
+            # as the best state from select_from on, and the last one.
+            last = (
+                not outcome.finished or epoch == max_epochs - 1 or context.seconds_left() <= reserve
+            )
             share = max((epoch + 1) / max_epochs, 1.0 - context.budget_left())
             eligible = last or share >= select_from
             regular = context.validate is None or epoch % validate_every == 0

@@ -133,7 +133,9 @@ def test_select_from_keeps_early_states_out_by_epochs_or_by_the_time_budget(
 ) -> None:
     # Validation likes the untrained state best (scores fall epoch by epoch): with select_from
     # only the states at or past that share of the schedule may be kept.
-    def fit(select_from: float, max_epochs: int, budget: float | None) -> tuple[list[int], float]:
+    def fit(
+        select_from: float, max_epochs: int, budget: float | None, every: int = 1
+    ) -> tuple[list[int], float]:
         clock = fake_clock(monkeypatch)
         model = nn.Linear(1, 1)
         scored: list[int] = []
@@ -152,7 +154,8 @@ def test_select_from_keeps_early_states_out_by_epochs_or_by_the_time_budget(
         context = FitContext(deadline=deadline, budget_seconds=budget, progress=False,
                              validate=validate)  # fmt: skip
         summary = run_epochs(model, context, step, max_epochs=max_epochs, loss_key="loss",
-                             name="test", steps_per_epoch=4, select_from=select_from)  # fmt: skip
+                             name="test", steps_per_epoch=4, select_from=select_from,
+                             validate_every=every)  # fmt: skip
         assert model.weight.item() == summary["best_epoch"]  # the kept state is restored
         return scored, summary["best_epoch"]
 
@@ -164,3 +167,6 @@ def test_select_from_keeps_early_states_out_by_epochs_or_by_the_time_budget(
     assert fit(0.5, 100, 100.0) == ([0, 4, 5, 6, 7, 8, 9], 4)
     # past the end of the schedule nothing is eligible but the last state
     assert fit(1.0, 10, None) == ([0, 9], 9)
+    # the budget runs out after epoch 8 (90 s), between two regular scores (every third
+    # epoch): that final state is scored and kept rather than none
+    assert fit(0.8, 100, 90.0, every=3) == ([0, 8], 8)
