@@ -139,6 +139,13 @@ class FitContext:
             return 1.0
         return max(self.seconds_left(), 0.0) / self.budget_seconds
 
+    def schedule_share(self, epochs: float, max_epochs: int) -> float:
+        """How far through its schedule a fit is after ``epochs`` (fractional) epochs: the
+        larger of the epochs over ``max_epochs`` and the share of the time budget used (on a
+        CPU the budget ends the schedule long before ``max_epochs``). What learning-rate steps
+        and ``select_from`` count in."""
+        return max(epochs / max_epochs, 1.0 - self.budget_left())
+
     def report(self, log: EpochLog) -> None:
         if self.callback is not None:
             self.callback(log)

@@ -459,7 +459,7 @@ class Draem(Reconstructor):
         def train_batch(
             progress: float, batch: tuple[torch.Tensor, ...]
         ) -> tuple[dict[str, float], dict[str, float]]:
-            share = max(progress / self.config.max_epochs, 1 - context.budget_left())
+            share = context.schedule_share(progress, self.config.max_epochs)
             lr = scheduled_lr(self.config, share)
             parts = self.learn(batch, lr, optimiser, runtime, scaler, context.timer)
             return parts, {"lr": lr}

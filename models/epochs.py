@@ -335,12 +335,12 @@ def run_epochs(
     module whose weights are scored and kept (a moving average of ``model``'s; by default
     ``model`` itself); without a validation criterion it is kept by ``model``'s training loss.
 
-    ``select_from`` (0..1): only states at or past that share of the schedule (the larger of
-    the epochs run over ``max_epochs`` and the time budget used, as the learning-rate steps
-    count it) can become the best state; the last state always can. Before it, only the first
+    ``select_from`` (0..1): only states at or past that share of the schedule
+    (:meth:`FitContext.schedule_share`, as the learning-rate steps count it) can become the
+    best state; the last state always can. Before it, only the first
     epoch is scored (it times a validation, and its figure is logged); the criterion of a few
     defective validation strips swings from epoch to epoch, and the maximum over every early
-    epoch had kept untrained states (docs/fleets.md, "Choosing the training state").
+    epoch had kept untrained states (docs/fleets.md, "Which state is kept").
     """
     judged = model if scored is None else scored
     started = time.monotonic()
@@ -370,7 +370,7 @@ def run_epochs(
             last = (
                 not outcome.finished or epoch == max_epochs - 1 or context.seconds_left() <= reserve
             )
-            share = max((epoch + 1) / max_epochs, 1.0 - context.budget_left())
+            share = context.schedule_share(epoch + 1, max_epochs)
             eligible = last or share >= select_from
             regular = context.validate is None or epoch % validate_every == 0
             if last or (regular and eligible) or (epoch == 0 and context.validate is not None):
