@@ -75,6 +75,12 @@ class RegionOut(BaseModel):
     area: int = Field(description="fabric pixels in the region")
     peak: float = Field(description="highest normalised score in the region")
     mean: float = Field(description="mean normalised score in the region")
+    below_threshold: bool = Field(
+        default=False,
+        description="true for the spot a strong image score came from where nothing reached the"
+        " pixel threshold: its pixels at half its height above the tile's median (a faint"
+        " defect of a few pixels is shown, not only scored)",
+    )
 
 
 class SuppressedRegion(RegionOut):
@@ -92,6 +98,7 @@ class SuppressionSettingsOut(BaseModel):
     smoothing_sigma: float
     min_valid_fraction: float
     veto_margin: float
+    evidence_region: bool = True
 
 
 class SuppressionLog(BaseModel):
@@ -111,6 +118,11 @@ class ImageSize(BaseModel):
 class ColumnSpan(BaseModel):
     start: int
     stop: int
+
+
+class IsolatedPeakOut(BaseModel):
+    tile_score: float = Field(description="the highest tile score on fabric (raw units)")
+    gap: float = Field(description="the highest local maximum of the map less the rank-th")
 
 
 class ImageOut(BaseModel):
@@ -133,6 +145,13 @@ class ImageOut(BaseModel):
         description="the image's own level (the median of the model's map over its fabric, in"
         " raw units) subtracted from the map and the score when the model's pipeline says"
         " image_level=median; 0 otherwise",
+    )
+    isolated_peak: IsolatedPeakOut | None = Field(
+        default=None,
+        description="when the model scores strips by their isolated peak (pipeline.isolated_peak,"
+        " learned by train for DRAEM): the highest tile score and the peak gap (how far the"
+        " highest spot of the map stands above its 20th-highest), in raw units; raw_score is"
+        " the larger of the two standardised on the model's defect-free training strips",
     )
 
 

@@ -245,6 +245,7 @@ class Scorer:
                 fabric_fraction=summary["fabric_fraction"],
                 field_of_view=summary["field_of_view"],
                 map_level=summary["map_level"],
+                isolated_peak=summary["isolated_peak"],
             ),
             score=summary["score"],
             raw_score=summary["raw_score"],

@@ -158,6 +158,10 @@ class AnomalyModel(nn.Module, ABC):
     config_class: ClassVar[type[ModelConfig]]
     # True for models that train in epochs and keep the state FitContext.validate scores best.
     selects_best_state: ClassVar[bool] = False
+    # True where the model's maps of the images it was fitted on look like its maps of new
+    # defect-free images (DRAEM), so figures learned from them hold for new images; PatchCore
+    # remembers its training patches and the VAE reconstructs what it was fitted on better.
+    representative_training_maps: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, load_weights: bool = True) -> None:
         """`load_weights=False` skips fetching external (pretrained) weights: a bundle follows."""

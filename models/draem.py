@@ -258,6 +258,9 @@ class Draem(Reconstructor):
     config_class = DraemConfig
     config: DraemConfig
     selects_best_state = True
+    # its fitted-on strips score like held-back ones (docs/fleets.md, "Where the operating
+    # point comes from"), so figures learned on them hold for new strips
+    representative_training_maps = True
     map_name = "anomaly map"
 
     def __init__(self, config: DraemConfig, load_weights: bool = True) -> None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.baseline import ColumnBaseline
 from models.calibration import Calibration
+from models.isolation import IsolatedPeak
 from models.preprocessing import ValidAreaSettings
 
 FORMAT_VERSION = 1
@@ -54,6 +55,22 @@ class PipelineConfig(BaseModel):
         default=65, ge=1, description="columns the learned level is widened and smoothed over"
     )
     column_baseline: ColumnBaseline | None = None
+    learn_isolated_peak: bool = Field(
+        default=True,
+        description="training learns the image score's and the peak gap's mean and spread on"
+        " the defect-free strips the model was fitted on (models/isolation.py), and every later"
+        " analysis scores a strip by the larger of the two standardised: a faint defect that"
+        " stands alone on a quiet map counts as much as a high spot; learned only for models"
+        " whose maps of their own training strips look like new strips' (DRAEM)",
+    )
+    isolated_peak_pool: int = Field(default=5, ge=1, description="pixels the map is averaged over")
+    isolated_peak_radius: int = Field(
+        default=63, ge=1, description="pixels apart two local maxima must be"
+    )
+    isolated_peak_rank: int = Field(
+        default=20, ge=1, description="the highest maximum is compared with the rank-th"
+    )
+    isolated_peak: IsolatedPeak | None = None
     image_level: ImageLevel = Field(
         default="median",
         description="median: every analysis subtracts the image's own median map value on"
@@ -153,10 +170,11 @@ def folder_digest(directory: Path | str) -> str:
 
 def weights_digest(directory: Path | str) -> str:
     """``sha256:`` and 12 hex digits over the model's files (not the manifest) and, when the
-    pipeline measures maps above each image's own level, that setting: the same for every
-    calibration of the same weights on the same scale, so raw scores with one digest are
-    comparable (feedback recorded before ``calibrate --image-level`` changed the scale does not
-    mix with scores after it). Models without the level keep the digest of their files alone."""
+    pipeline measures maps above each image's own level or scores strips by their isolated
+    peak, those settings: the same for every calibration of the same weights on the same scale,
+    so raw scores with one digest are comparable (feedback recorded before ``calibrate
+    --image-level`` changed the scale does not mix with scores after it). Models without either
+    keep the digest of their files alone."""
     folder = Path(directory)
     manifest = read_manifest(folder)
     sha = hashlib.sha256()
@@ -164,6 +182,8 @@ def weights_digest(directory: Path | str) -> str:
         sha.update(file_sha256(folder / name).encode())
     if manifest.pipeline.image_level != "none":
         sha.update(f"image_level={manifest.pipeline.image_level}".encode())
+    if manifest.pipeline.isolated_peak is not None:
+        sha.update(f"isolated_peak={manifest.pipeline.isolated_peak.model_dump_json()}".encode())
     return "sha256:" + sha.hexdigest()[:12]
 
 

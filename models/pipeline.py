@@ -54,6 +54,8 @@ class Analysis:
     field_of_view: tuple[int, int] | None = None
     # raw map level subtracted from the map and the tile scores (pipeline.image_level); 0 if none
     level: float = 0.0
+    # with pipeline.isolated_peak: the highest tile score and the peak gap the score combines
+    peak: dict[str, float] | None = None
 
 
 @dataclass
@@ -96,6 +98,11 @@ class Prediction:
             "fabric_fraction": round(float(np.mean(self.analysis.valid)), 4),
             "field_of_view": (None if view is None else {"start": view[0], "stop": view[1]}),
             "map_level": round(self.analysis.level, 6),
+            "isolated_peak": (
+                None
+                if self.analysis.peak is None
+                else {k: round(v, 6) for k, v in self.analysis.peak.items()}
+            ),
             "score": round(self.score, 6),
             "raw_score": self.raw_score,
             "threshold": self.threshold,
@@ -259,9 +266,16 @@ class Detector:
             fractions = [valid_fraction(padded_valid, box) for box in boxes]
             on_fabric = [s for s, f in zip(scores, fractions, strict=True) if f > 0]
             score = max(on_fabric) if on_fabric else 0.0
+            peak = None
+            isolated = self.pipeline.isolated_peak
+            if isolated is not None and on_fabric:
+                # the more unusual of "its worst spot is high" and "it stands alone"
+                gap = isolated.gap(full, tiled.valid)
+                peak = {"tile_score": score, "gap": gap}
+                score = isolated.combine(score, gap)
         return Analysis(
             image, tiled.valid, full, boxes, scores, fractions, score, timings,
-            tiled.field_of_view, level,
+            tiled.field_of_view, level, peak,
         )  # fmt: skip
 
     def analyse(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Analysis:

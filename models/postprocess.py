@@ -18,8 +18,12 @@ together with the settings in force.
 The score's own evidence: when the image score reaches the threshold by ``veto_margin`` or more,
 the pipeline passes the window (tile) that score came from, and the component holding that
 window's highest fabric pixel is not suppressed for its area or peak (only for lying off the
-fabric). A decision made on a strong score thus always shows where it came from, however small
-or faint the defect (AITEX defects can be 8 px wide).
+fabric). When no component reaches the pixel threshold at that pixel (a defect of a few
+pixels, faint after smoothing), the spot itself is kept (``evidence_region``): the fabric
+pixels connected to the window's highest one that stand at least half as far above the
+window's median as it does, marked ``below_threshold``. A decision made on a strong score thus
+always shows where it came from, however small or faint the defect (AITEX defects can be 8 px
+wide).
 
 Image decision rule (:func:`decide`): the image score decides. An image is anomalous when its
 normalised score reaches the image threshold, with one exception near the threshold: when the
@@ -57,6 +61,11 @@ class SuppressionSettings(BaseModel):
         description="normalised score above the image threshold from which suppression of every "
         "region no longer vetoes the alarm",
     )
+    evidence_region: bool = Field(
+        default=True,
+        description="when such a score has no region at the pixel threshold where it came from,"
+        " keep that spot at half its height above the tile's median (below_threshold)",
+    )
 
 
 Window = tuple[int, int, int, int]  # y0, x0, y1, x1 (end exclusive)
@@ -72,6 +81,8 @@ class Region:
     peak: float
     mean: float
     reason: str | None = None  # None for kept regions
+    # below the pixel threshold: the spot a strong image score came from, at half its height
+    below_threshold: bool = False
 
     def to_json(self) -> dict[str, Any]:
         box = {"x": self.x, "y": self.y, "width": self.width, "height": self.height}
@@ -79,6 +90,8 @@ class Region:
         data["mean"] = self.mean
         if self.reason is not None:
             data["reason"] = self.reason
+        if self.below_threshold:
+            data["below_threshold"] = True
         return data
 
 
@@ -127,6 +140,39 @@ def _evidence_label(
     return int(labels[y0 + y, x0 + x])
 
 
+def _evidence_region(
+    normalized_map: np.ndarray, valid: np.ndarray, window: Window
+) -> tuple[Region, np.ndarray] | None:
+    """The spot the score came from when no component reaches the pixel threshold there: in
+    ``window``, the fabric pixels connected to its highest one that stand at least half as far
+    above the window's median as it does (its extent at half height), and their mask (bool,
+    image-sized); None without fabric in the window or a spot above the median."""
+    y0, x0, y1, x1 = window
+    values = normalized_map[y0:y1, x0:x1]
+    fabric = valid[y0:y1, x0:x1]
+    if not fabric.any():
+        return None
+    on_fabric = np.where(fabric, values, -np.inf)
+    y, x = np.unravel_index(int(np.argmax(on_fabric)), values.shape)
+    peak, level = float(values[y, x]), float(np.median(values[fabric]))
+    if not peak > level:
+        return None
+    half = (values >= level + 0.5 * (peak - level)) & fabric
+    _, labels = cv2.connectedComponents(half.astype(np.uint8), connectivity=8)
+    spot = labels == labels[y, x]
+    rows, columns = np.nonzero(spot)
+    top, left = int(rows.min()), int(columns.min())
+    height, width = int(rows.max()) - top + 1, int(columns.max()) - left + 1
+    pixels = values[spot]
+    region = Region(
+        x0 + left, y0 + top, width, height, int(spot.sum()), round(peak, 4),
+        round(float(pixels.mean()), 4), None, True,
+    )  # fmt: skip
+    mask = np.zeros(normalized_map.shape, dtype=bool)
+    mask[y0:y1, x0:x1] = spot
+    return region, mask
+
+
 def postprocess(
     normalized_map: np.ndarray,
     valid: np.ndarray,
@@ -163,6 +209,12 @@ def postprocess(
             mask[y : y + height, x : x + width][box_valid] = 255
         else:
             suppressed.append(region)
+    if evidence is not None and evidence_label == 0 and settings.evidence_region:
+        # nothing at the pixel threshold where the score came from: show that spot anyway
+        found = _evidence_region(normalized_map, valid, evidence)
+        if found is not None:
+            kept.append(found[0])
+            mask[found[1]] = 255
     kept.sort(key=lambda r: r.peak, reverse=True)
     return PostProcessResult(mask=mask, kept=kept, suppressed=suppressed, settings=settings)
 
@@ -182,7 +234,9 @@ def decide(normalized_score: float, threshold: float, result: PostProcessResult)
     above = f"{score} reached the threshold {threshold:.3f}"
     margin = result.settings.veto_margin
     if result.kept:
-        return Verdict(True, False, f"{above}; {len(result.kept)} region(s) kept")
+        below = sum(region.below_threshold for region in result.kept)
+        extra = f" ({below} below the pixel threshold: where the score came from)" if below else ""
+        return Verdict(True, False, f"{above}; {len(result.kept)} region(s) kept{extra}")
     if not result.suppressed:
         return Verdict(
             True, False, f"{above}; no region at the pixel threshold (the score is the evidence)"

@@ -54,6 +54,7 @@ from training.calibrate import (
 from training.config import CalibrationConfig
 from training.data import Sample, fingerprint, load_dataset, split_dataset
 from training.evaluate import analyse_samples, fitted_clean_scores
+from training.train import with_isolated_peak
 
 Split = Literal["auto", "test", "all"]
 
@@ -193,6 +194,16 @@ def recalibrate_on_data(
         samples, fitted = list(chosen.validation), list(chosen.train)
     else:
         samples = list(dataset.samples)
+    if manifest.pipeline.image_level != level_before and manifest.pipeline.isolated_peak:
+        # the reference's scores were measured at the old level: learn it again at the new one
+        if not fitted:
+            raise CalibrationError(
+                "this model scores strips by their isolated peak, learned on its training"
+                f" strips at image level {level_before}: to change the level, calibrate on the"
+                " data it was trained on (--split test), where those strips are"
+            )
+        clean = [sample for sample in fitted if sample.label == 0]
+        manifest.pipeline = with_isolated_peak(detector, clean, learn=True, progress=progress)
     config = calibration_config(manifest, overrides)
     where = f"{data} ({'validation split' if use_validation else 'every image'})"
     check_clean_images(sum(sample.label == 0 for sample in samples), config, where)

@@ -26,6 +26,7 @@ from models.baseline import column_levels, learn_column_baseline
 from models.bundle import Manifest, library_versions, save_bundle
 from models.calibration import Calibration
 from models.device import Runtime
+from models.isolation import MIN_IMAGES, learn_isolated_peak, peak_gap
 from models.manifest import PipelineConfig
 from models.network import TorchNetwork
 from models.pipeline import Detector
@@ -136,6 +137,49 @@ def with_column_baseline(
         baseline.images, profile.min(), profile.max(), np.median(profile), baseline.width,
     )  # fmt: skip
     learned = pipeline.model_copy(update={"column_baseline": baseline})
+    detector.pipeline = learned
+    return learned
+
+
+def with_isolated_peak(
+    detector: Detector, samples: list[Sample], learn: bool, progress: bool = False
+) -> PipelineConfig:
+    """The detector's pipeline with the isolated-peak reference (:mod:`models.isolation`)
+    learned from the image scores and peak gaps of ``samples`` (the defect-free strips it was
+    fitted on; at most ``BASELINE_IMAGES``, evenly spread), and set on the detector, when
+    ``learn``; otherwise, or when none can be learned, the pipeline without one."""
+    pipeline = detector.pipeline.model_copy(update={"isolated_peak": None})
+    detector.pipeline = pipeline  # the scores it learns from are the plain ones
+    if not learn or not samples:
+        return pipeline
+    scores: list[float] = []
+    gaps: list[float] = []
+    analysed = analyse_samples(
+        detector, evenly_spread(samples, BASELINE_IMAGES), progress=progress, desc="peaks"
+    )
+    for _, analysis, _ in analysed:
+        scores.append(analysis.score)
+        gap = peak_gap(
+            analysis.anomaly_map, analysis.valid, pipeline.isolated_peak_pool,
+            pipeline.isolated_peak_radius, pipeline.isolated_peak_rank,
+        )  # fmt: skip
+        gaps.append(gap)
+    reference = learn_isolated_peak(
+        scores, gaps, pipeline.isolated_peak_pool, pipeline.isolated_peak_radius,
+        pipeline.isolated_peak_rank,
+    )  # fmt: skip
+    if reference is None:
+        log.info(
+            "no isolated-peak reference learned: %d training images (at least %d, whose scores"
+            " and peak gaps vary)", len(scores), MIN_IMAGES,
+        )  # fmt: skip
+        return pipeline
+    log.info(
+        "isolated peak from %d training images: score %.4g +- %.2g, peak gap %.4g +- %.2g",
+        reference.images, reference.score_mean, reference.score_sd, reference.gap_mean,
+        reference.gap_sd,
+    )  # fmt: skip
+    learned = pipeline.model_copy(update={"isolated_peak": reference})
     detector.pipeline = learned
     return learned
 
@@ -293,6 +337,11 @@ def train(
     manifest.pipeline = with_column_baseline(
         detector, list(split.train), pipeline.learn_column_baseline, progress
     )
+    clean = [sample for sample in split.train if sample.label == 0]
+    manifest.pipeline = with_isolated_peak(
+        detector, clean, pipeline.learn_isolated_peak and cls.representative_training_maps,
+        progress,
+    )  # fmt: skip
     # Validation analyses are kept in memory once, then used to calibrate and to evaluate.
     analysed = list(analyse_samples(detector, split.validation, progress=progress, desc="validate"))
     labelled = [(sample.label, analysis, mask) for sample, analysis, mask in analysed]

@@ -223,3 +223,6 @@ def test_no_column_baseline_is_learned_by_default(bundle: Path) -> None:
 
     pipeline = read_manifest(bundle).pipeline
     assert pipeline.learn_column_baseline is False and pipeline.column_baseline is None
+    # PatchCore remembers its training patches: figures learned on its own training strips
+    # would not hold for new ones, so it learns no isolated-peak reference either
+    assert pipeline.learn_isolated_peak is True and pipeline.isolated_peak is None

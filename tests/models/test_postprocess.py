@@ -95,3 +95,33 @@ def test_normalisation_maps_threshold_to_half() -> None:
     assert cal.normalize_image(100.0) == 1.0 and cal.normalize_image(-100.0) == 0.0
     assert np.allclose(cal.normalize_pixels(np.array([1.0, 2.5])), [0.5, 1.0])
     assert cal.image_threshold_from_normalized(0.75) == 6.0
+
+
+def test_a_strong_score_with_nothing_at_the_pixel_threshold_shows_its_spot() -> None:
+    """A 4 x 4 px defect, faint after smoothing (0.3 where the pixel threshold is 0.5), on a
+    strip whose score is strong: the spot the score came from is kept at half its height above
+    the tile's median, marked below the threshold; off, the image has no region at all."""
+    rng = np.random.default_rng(0)
+    values = (0.05 + 0.02 * rng.random((100, 200))).astype(np.float32)
+    values[40:44, 120:124] = 0.3
+    values[41:43, 121:123] = 0.32
+    valid = np.ones_like(values, bool)
+    settings = SuppressionSettings(smoothing_sigma=0)
+    shown = postprocess(values, valid, settings, evidence=(0, 100, 100, 200))
+    assert len(shown.kept) == 1 and shown.kept[0].below_threshold
+    spot = shown.kept[0]
+    assert (spot.x, spot.y, spot.width, spot.height, spot.area) == (120, 40, 4, 4, 16)
+    assert spot.peak == np.float32(0.32) and shown.mask[40:44, 120:124].all()
+    assert shown.mask.sum() == 16 * 255 and spot.to_json()["below_threshold"] is True
+    verdict = decide(0.9, 0.5, shown)
+    assert verdict.anomalous and "1 below the pixel threshold" in verdict.reason
+    off = postprocess(values, valid, settings.model_copy(update={"evidence_region": False}),
+                      evidence=(0, 100, 100, 200))  # fmt: skip
+    assert off.kept == [] and not off.mask.any()
+    assert "no region at the pixel threshold" in decide(0.9, 0.5, off).reason
+    # only for a score strong enough to stand alone: without the evidence window, nothing
+    assert postprocess(values, valid, settings).kept == []
+    # a spot that reaches the threshold is a region as before, not a below-threshold one
+    values[40:44, 120:124] = 0.8
+    found = postprocess(values, valid, settings, evidence=(0, 100, 100, 200))
+    assert len(found.kept) == 1 and not found.kept[0].below_threshold

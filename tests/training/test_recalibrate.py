@@ -329,3 +329,43 @@ def test_the_image_level_is_chosen_scored_and_recorded(
 
 def _first_image(data: Path) -> Path:
     return next(path for path in sorted(data.rglob("*.png")) if "mask" not in str(path).lower())
+
+
+def test_a_new_image_level_learns_the_isolated_peak_again(
+    bundle: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The isolated-peak reference holds tile scores measured at the model's image level: a
+    model moved to another level learns it again from the strips it was fitted on, or, where
+    those are not in the data, is refused in one line."""
+    import shutil
+
+    from models.isolation import IsolatedPeak
+
+    peaked = tmp_path / "peaked"
+    shutil.copytree(bundle, peaked)
+    raw = json.loads((peaked / "manifest.json").read_text())
+    stale = IsolatedPeak(
+        pool=5, radius=63, rank=20, score_mean=-9.0, score_sd=1.0, gap_mean=0.0, gap_sd=1.0,
+        images=3,
+    )  # fmt: skip
+    raw["pipeline"]["isolated_peak"] = stale.model_dump()
+    (peaked / "manifest.json").write_text(json.dumps(raw))
+    out = tmp_path / "relearned"
+    assert main(["--quiet", "calibrate", "--model-uri", str(peaked), "--data", str(synth_data),
+                 "--image-level", "none", "--out", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    learned = read_manifest(out).pipeline.isolated_peak
+    assert learned is not None and learned != stale
+    trained = read_manifest(bundle).training["train_images"]
+    assert learned.images == trained and learned.score_mean > 0  # PatchCore distances, level none
+    # without the training strips in the data there is nothing to learn it from
+    never = tmp_path / "never"
+    assert main(["calibrate", "--model-uri", str(peaked), "--data", str(synth_data),
+                 "--split", "all", "--image-level", "none", "--out", str(never)]) == 2  # fmt: skip
+    one_line_error(capsys, "calibrate on the data it was trained on")
+    assert not never.exists()
+    # the same level keeps the reference as it is
+    same = tmp_path / "same"
+    assert main(["--quiet", "calibrate", "--model-uri", str(peaked), "--data", str(synth_data),
+                 "--out", str(same)]) == 0  # fmt: skip
+    assert read_manifest(same).pipeline.isolated_peak == stale

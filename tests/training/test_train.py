@@ -119,3 +119,18 @@ def test_draem_training_learns_the_column_baseline_its_detector_applies(
     off, _ = load_config("draem", None, tiny)
     without = train("draem", synth_data, off, out=tmp_path / "n", max_minutes=2, progress=False)
     assert without.manifest.pipeline.column_baseline is None
+    # the isolated peak is learned by default, from the strips it was fitted on, and scores
+    # every later analysis: the larger of the standardised tile score and peak gap
+    peak = without.manifest.pipeline.isolated_peak
+    assert peak is not None and peak.images == len(without.split.train)
+    peaked = Detector.from_bundle(without.bundle)
+    assert peaked.pipeline.isolated_peak == peak
+    analysis = peaked.analyse(image)
+    assert analysis.peak is not None
+    assert analysis.peak["gap"] == pytest.approx(peak.gap(analysis.anomaly_map, analysis.valid))
+    assert analysis.score == pytest.approx(
+        peak.combine(analysis.peak["tile_score"], analysis.peak["gap"])
+    )
+    assert analysis.peak["tile_score"] == pytest.approx(
+        max(s for s, f in zip(analysis.tile_scores, analysis.tile_valid, strict=True) if f > 0)
+    )
