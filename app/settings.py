@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     smoothing_sigma: float | None = Field(default=None, ge=0.0)
     min_valid_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
     veto_margin: float | None = Field(default=None, ge=0.0, le=1.0)
+    evidence_region: bool | None = Field(
+        default=None,
+        description="keep the spot a strong score came from when nothing reached the pixel"
+        " threshold there; unset: the bundle's value",
+    )
 
     inference_log_path: Path | None = Field(
         default=Path(".loomwatch/inference.jsonl"),

@@ -57,6 +57,7 @@ def test_predict_finds_the_stain(client: TestClient, defect_png: bytes) -> None:
     assert image["fabric_fraction"] == pytest.approx((WIDTH - 2 * ends) / WIDTH, abs=1e-4)
     assert image["field_of_view"] is None
     assert isinstance(image["map_level"], float)  # the strip's level subtracted (image_level)
+    assert image["isolated_peak"] is None  # PatchCore learns none
     assert body["decision"] == "anomalous" and body["is_anomalous"] is True
     assert body["score"] >= body["threshold"] == 0.5
     assert isinstance(body["raw_score"], float) and isinstance(body["raw_threshold"], float)
@@ -71,6 +72,7 @@ def test_predict_finds_the_stain(client: TestClient, defect_png: bytes) -> None:
         "smoothing_sigma",
         "min_valid_fraction",
         "veto_margin",
+        "evidence_region",
     }
     assert log["vetoed_decision"] is False
     assert body["decision_reason"].endswith("region(s) kept")
