@@ -284,3 +284,30 @@ def test_pixel_figures_on_the_strip_sample_match_the_exact_figures(seed: int) ->
     # a resample holding the strip twice weighs both classes alike: the same figures
     twice = pixel_figures([strip, strip])
     assert twice["pixel_ap"] == pytest.approx(figures["pixel_ap"])
+
+
+@pytest.mark.slow
+def test_the_isolated_peak_bench_gives_a_trained_fleet_one_and_takes_it_away(
+    fleet: tuple[Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m bench.isolated_peak`: the same networks with the reference learned from each
+    fabric's own training strips (PatchCore learns none in training; the bench is told to),
+    re-fitted on the same validation split; --without removes it again."""
+    from bench.isolated_peak import main as bench_main
+    from models.manifest import read_manifest
+
+    data, out, _ = fleet
+    peaked, plain = tmp_path / "peaked", tmp_path / "plain"
+    bench_main(["--fleet", str(out), "--data", str(data), "--out", str(peaked)])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert [line[:4] for line in printed] == ["00: ", "01: "]
+    assert all("raw image threshold" in line and "images)" in line for line in printed)
+    for fabric in ("00", "01"):
+        assert read_manifest(out / fabric).pipeline.isolated_peak is None
+        peak = read_manifest(peaked / fabric).pipeline.isolated_peak
+        assert peak is not None
+        assert peak.images == read_manifest(out / fabric).training["train_images"]
+    assert sorted(resolve_fleet(str(peaked)).fabrics) == ["00", "01"]
+    bench_main(["--fleet", str(peaked), "--data", str(data), "--out", str(plain), "--without"])
+    assert "00: none;" in capsys.readouterr().out
+    assert read_manifest(plain / "00").pipeline.isolated_peak is None
