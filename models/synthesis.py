@@ -18,6 +18,8 @@ Strategies here:
 - ``textile``: defects shaped like those of woven fabric: a thin line along the warp or weft
   (broken or missing yarn), a small dense blob (knot, fuzzy ball), or a band where the weave is
   stretched and shaded (stretch, crease).
+- ``spot``: a fuzzy ball at the size and contrast of AITEX fabric 02's (10-60 px, 0.12-0.20 of
+  the grey range, soft-edged); not in the default mix.
 - ``weave``: faults of the weave's structure rather than its grey, which is what most defects of
   the harder AITEX fabrics are (``python -m bench.fabric_stats``: on fabrics 00, 01 and 03 most
   defect regions differ from their surroundings by less than one standard deviation of the
@@ -377,6 +379,33 @@ class WeaveSynthesis(AnomalySynthesis):
         out = cv2.remap(work, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         mask = amplitude * bump >= 0.75
         return np.where(mask, out, work), mask
+
+
+class SpotSynthesis(AnomalySynthesis):
+    """A fuzzy ball at the size and contrast AITEX fabric 02's are: one dark (or, one time in
+    five, light) spot of about 10-60 px, 0.12-0.20 of the grey range off its surroundings
+    (measured on the dev data's type-019 masks: -0.12 to -0.19, about two standard deviations
+    of the weave around them), with soft edges. ``textile``'s blobs are 12-200 px at 0.15-0.4
+    and its smallest rare; a network trained long on them reconstructs the smallest real ones
+    (docs/fleets.md, "The isolated peak")."""
+
+    name = "spot"
+
+    def __call__(self, tile: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        height, width = tile.shape
+        radius = float(rng.uniform(1.0, 3.5))
+        centre_y = rng.uniform(radius, height - radius)
+        centre_x = rng.uniform(radius, width - radius)
+        rows, columns = np.ogrid[:height, :width]
+        distance = np.hypot(rows - centre_y, columns - centre_x)
+        # full strength inside the radius, fading to nothing one pixel beyond it
+        weight = np.clip(radius + 1.0 - distance, 0.0, 1.0).astype(np.float32)
+        mask = weight > 0
+        contrast = float(rng.uniform(0.12, 0.20)) * (1.0 if rng.random() < 0.2 else -1.0)
+        changed = np.clip(tile + weight * contrast, 0.0, 1.0)
+        # a pixel already at the limit cannot change: keep the mask to what changed
+        mask &= changed != tile
+        return np.where(mask, changed, tile).astype(np.float32), mask
 
 
 # ---- the mix ----------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def check_mask_matches_change(
         assert changed[mask].mean() > 0.95  # and (almost) everything inside it changes
 
 
-@pytest.mark.parametrize("name", ["perlin", "textile", "weave"])
+@pytest.mark.parametrize("name", ["perlin", "textile", "weave", "spot"])
 def test_each_strategy_yields_a_mask_that_matches_the_change(name: str) -> None:
     config = SynthesisConfig()
     strategy = STRATEGIES[name](config, TextureBank(other_tiles()))
@@ -161,3 +161,22 @@ def test_weave_faults_are_faint_or_structural() -> None:
         return float(np.median(changes))
 
     assert mean_change(weave) < 0.5 * mean_change(textile)
+
+
+def test_spots_are_fuzzyball_sized_and_faint() -> None:
+    """The spot strategy's defects: 9-50 px (AITEX fabric 02's fuzzy balls), 0.12-0.2 of the
+    grey range off the weave at their centre, mostly darker."""
+    spot = STRATEGIES["spot"](SynthesisConfig(), TextureBank())
+    rng = np.random.default_rng(2)
+    areas, changes, darker = [], [], 0
+    for seed in range(40):
+        original = tile(seed)
+        augmented, mask = spot(original.copy(), rng)
+        check_mask_matches_change(original, augmented, mask)
+        areas.append(int(mask.sum()))
+        change = augmented[mask] - original[mask]
+        changes.append(float(np.abs(change).max()))
+        darker += bool(change.mean() < 0)
+    assert min(areas) >= 9 and max(areas) <= 80
+    assert min(changes) >= 0.08 and max(changes) <= 0.2 + 1e-6
+    assert 25 <= darker < 40
