@@ -14,7 +14,7 @@ from typing import Any
 from models.manifest import ImageLevel, PipelineConfig
 from models.pipeline import Detector
 from tracking.fleet import resolve_fleet, write_fleet_manifest
-from training.data import Sample, load_dataset, split_dataset
+from training.data import Sample, load_dataset, recorded_split
 from training.recalibrate import Recalibration, recalibrate_on_data, write_recalibrated
 
 # (source bundle, fabric, folder to write the changed bundle at) -> that folder
@@ -67,19 +67,13 @@ LearnPipeline = Callable[[Detector, list[Sample], bool], PipelineConfig]
 def learned_bundle(
     source: Path, data: Path, fabric: str, out: Path, learn: LearnPipeline, without: bool
 ) -> Path:
-    """Write ``source`` at ``out`` with its pipeline from ``learn``, given the defect-free
+    """Write ``source`` at ``out`` with its pipeline from ``learn``, given the (defect-free)
     images of ``data`` the model was fitted on (the split its manifest records, as ``loomwatch
     train`` made it); its calibration is to be re-fitted."""
     detector = Detector.from_bundle(source)
     manifest = detector.manifest
-    training = manifest.training
-    split = split_dataset(
-        load_dataset(data, fabric=fabric),
-        training.get("val_fraction", 0.3),
-        training.get("seed", 0),
-    )
-    clean = [sample for sample in split.train if sample.label == 0]
-    pipeline = learn(detector, clean, not without)
+    split = recorded_split(load_dataset(data, fabric=fabric), manifest.training)
+    pipeline = learn(detector, list(split.train), not without)
     updated = manifest.model_copy(update={"pipeline": pipeline})
     return write_recalibrated(source, out, updated)
 

@@ -40,7 +40,7 @@ from models.pipeline import Analysis, Detector
 from tracking.fleet import resolve_fleet
 from training.calibrate import image_threshold
 from training.config import CalibrationConfig
-from training.data import load_dataset, split_dataset
+from training.data import load_dataset, recorded_split
 from training.evaluate import analyse_samples, fitted_clean_scores
 
 Rule = Literal["conformal", "gaussian", "default", "f1"]
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         detector = Detector.from_bundle(entry.bundle)
         training = detector.manifest.training
         dataset = load_dataset(args.data, fabric=fabric)
-        split = split_dataset(dataset, training.get("val_fraction", 0.3), training.get("seed", 0))
+        split = recorded_split(dataset, training)
         analysed = analyse_samples(detector, list(split.validation), desc=f"{fabric} validation")
         validation = [(sample.label, analysis) for sample, analysis, _ in analysed]
         test_samples = load_dataset(args.test, fabric=fabric).samples

@@ -620,7 +620,7 @@ def _train_runtime(args: argparse.Namespace, config: Any) -> Any:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.pipeline import Detector
     from tracking.uris import resolve_model_uri
-    from training.data import fingerprint, load_dataset, split_dataset
+    from training.data import fingerprint, load_dataset, recorded_split
     from training.evaluate import analyse_samples, evaluation_summary, run_evaluation, write_outputs
 
     if _is_fleet(args.model_uri):
@@ -638,7 +638,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"{args.data} is not the data this model was trained on (fingerprint differs); "
                 "use --split all to evaluate on other data"
             )
-        split = split_dataset(dataset, training.get("val_fraction", 0.3), training.get("seed", 0))
+        split = recorded_split(dataset, training)
         samples = list(split.validation)
     else:
         samples = list(dataset.samples)

@@ -11,9 +11,8 @@ alone.
 
 ``peak_gap`` measures that: the map averaged over ``pool`` x ``pool`` pixels on fabric, its
 local maxima (at least ``radius`` pixels apart; a plateau is one), and the highest minus the
-``rank``-th highest. A
-large defect keeps a large gap when it yields fewer than ``rank`` maxima; a noisy strip's highest
-spot has many neighbours in height, so its gap is small.
+``rank``-th highest. A large defect keeps a large gap when it yields fewer than ``rank`` maxima;
+a noisy strip's highest spot has many neighbours in height, so its gap is small.
 
 Neither figure is enough alone (docs/fleets.md, "The isolated peak": the gap alone loses the
 large defects of fabrics 01 and 03, the image score alone the fuzzyballs), so with

@@ -20,9 +20,10 @@ import math
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -387,6 +388,17 @@ def _relative_key(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def recorded_split(dataset: Dataset, training: Mapping[str, Any]) -> Split:
+    """The split a model was trained with, from its manifest's ``training`` record
+    (``val_fraction`` and ``seed``; the defaults where it has none)."""
+    val_fraction, seed = training.get("val_fraction"), training.get("seed")
+    return split_dataset(
+        dataset,
+        float(val_fraction) if isinstance(val_fraction, int | float) else 0.3,
+        int(seed) if isinstance(seed, int) else 0,
+    )
 
 
 def split_dataset(dataset: Dataset, val_fraction: float = 0.3, seed: int = 0) -> Split:

@@ -49,7 +49,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from models.pipeline import Detector, Prediction
 from tracking.fleet import Fleet
 from tracking.uris import resolve_model_uri
-from training.data import DatasetError, Sample, fingerprint, load_dataset, split_dataset
+from training.data import DatasetError, Sample, fingerprint, load_dataset, recorded_split
 from training.decisions import CONFIDENCE, FIGURES, StripOutcome
 from training.evaluate import Analysed, EvaluationResult, analyse_samples, run_evaluation
 from training.metrics import _area_up_to, to_jsonable
@@ -363,11 +363,7 @@ def fleet_samples(
                     f"{data} fabric {fabric} is not the data its model was trained on "
                     "(fingerprint differs); use --split all to evaluate on other data"
                 )
-            chosen[fabric] = list(
-                split_dataset(
-                    dataset, training.get("val_fraction", 0.3), training.get("seed", 0)
-                ).validation
-            )
+            chosen[fabric] = list(recorded_split(dataset, training).validation)
         else:
             chosen[fabric] = list(dataset.samples)
     if not chosen:

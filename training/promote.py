@@ -32,7 +32,7 @@ from models.pipeline import Detector
 from tracking.registry import TAG, alias_version, newest_version, set_alias, tag_version
 from tracking.store import TrackingError, mlflow_errors
 from tracking.uris import resolve_model_uri
-from training.data import DatasetError, Sample, fingerprint, load_dataset, split_dataset
+from training.data import DatasetError, Sample, fingerprint, load_dataset, recorded_split
 from training.decisions import (
     DEFAULT_RESAMPLES,
     FIGURES,
@@ -192,13 +192,7 @@ def _validation_split(contender: Contender) -> Strips:
         raise NoCommonDataError(
             f"{root} changed since version {contender.number} was trained on it; {hint}"
         )
-    val_fraction = training.get("val_fraction")
-    seed = training.get("seed")
-    split = split_dataset(
-        dataset,
-        val_fraction=float(val_fraction) if isinstance(val_fraction, int | float) else 0.3,
-        seed=int(seed) if isinstance(seed, int) else 0,
-    )
+    split = recorded_split(dataset, training)
     return Strips(list(split.validation), f"validation strips of {root}", str(recorded))
 
 

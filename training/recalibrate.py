@@ -52,7 +52,7 @@ from training.calibrate import (
     reference_scores,
 )
 from training.config import CalibrationConfig
-from training.data import Sample, fingerprint, load_dataset, split_dataset
+from training.data import Sample, fingerprint, load_dataset, recorded_split
 from training.evaluate import analyse_samples, fitted_clean_scores
 from training.train import with_isolated_peak
 
@@ -190,7 +190,7 @@ def recalibrate_on_data(
     use_validation = split == "test" or (split == "auto" and same_data)
     fitted: list[Sample] = []  # the defect-free images the model was fitted on, if these
     if use_validation:
-        chosen = split_dataset(dataset, training.get("val_fraction", 0.3), training.get("seed", 0))
+        chosen = recorded_split(dataset, training)
         samples, fitted = list(chosen.validation), list(chosen.train)
     else:
         samples = list(dataset.samples)
@@ -202,8 +202,7 @@ def recalibrate_on_data(
                 f" strips at image level {level_before}: to change the level, calibrate on the"
                 " data it was trained on (--split test), where those strips are"
             )
-        clean = [sample for sample in fitted if sample.label == 0]
-        manifest.pipeline = with_isolated_peak(detector, clean, learn=True, progress=progress)
+        manifest.pipeline = with_isolated_peak(detector, fitted, learn=True, progress=progress)
     config = calibration_config(manifest, overrides)
     where = f"{data} ({'validation split' if use_validation else 'every image'})"
     check_clean_images(sum(sample.label == 0 for sample in samples), config, where)

@@ -337,11 +337,8 @@ def train(
     manifest.pipeline = with_column_baseline(
         detector, list(split.train), pipeline.learn_column_baseline, progress
     )
-    clean = [sample for sample in split.train if sample.label == 0]
-    manifest.pipeline = with_isolated_peak(
-        detector, clean, pipeline.learn_isolated_peak and cls.representative_training_maps,
-        progress,
-    )  # fmt: skip
+    peaked = pipeline.learn_isolated_peak and cls.representative_training_maps
+    manifest.pipeline = with_isolated_peak(detector, list(split.train), peaked, progress)
     # Validation analyses are kept in memory once, then used to calibrate and to evaluate.
     analysed = list(analyse_samples(detector, split.validation, progress=progress, desc="validate"))
     labelled = [(sample.label, analysis, mask) for sample, analysis, mask in analysed]
